@@ -1,0 +1,205 @@
+"""Artifact directories: manifests, config-hash guards, atomic sharded Arrow writes.
+
+A stage writes `stage.json` first (what config made it), complete shards one by one (each
+written to a temp file and renamed, so a shard file on disk is always whole), and
+`manifest.json` last. A rerun skips the shards that exist, so a killed stage resumes and the
+result is byte-identical to an uninterrupted run. A directory made by a different config is
+refused instead of being mixed into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from lmfuse import __version__
+from lmfuse.errors import LmfuseError
+
+MANIFEST = "manifest.json"
+STAGE = "stage.json"
+
+
+def hash_obj(obj: Any) -> str:
+    """A short stable hash of any JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path) -> dict | None:
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmfuseError(f"cannot read {path.name}: {e}", where=str(path),
+                          fix="delete the artifact directory and rerun the stage") from e
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a complete artifact, or None."""
+    return read_json(Path(path) / MANIFEST)
+
+
+def write_arrow(path: str | Path, table: pa.Table) -> None:
+    """Write a table as one Arrow IPC stream file, atomically."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def load_arrow_dataset(paths: Iterable[str | Path]):
+    """Memory-map Arrow stream files as one `datasets.Dataset`."""
+    from datasets import Dataset, concatenate_datasets
+
+    parts = [Dataset.from_file(str(p)) for p in paths]
+    if not parts:
+        raise LmfuseError("artifact holds no shards")
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+class ArtifactDir:
+    """One stage's output directory.
+
+    Args:
+        path: The directory.
+        stage: Stage name (`prepare`, `extract`, ...).
+        config_hash: Hash of the config fields that change this stage's output.
+        inputs: Upstream artifacts' config hashes, by name.
+        overwrite: Delete an artifact made by another config instead of refusing.
+    """
+
+    def __init__(self, path: str | Path, stage: str, config_hash: str,
+                 inputs: dict[str, str] | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        self.stage = stage
+        self.config_hash = config_hash
+        self.inputs = dict(inputs or {})
+        self.overwrite = overwrite
+        self._t0 = time.time()
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> str:
+        """`missing`, `complete`, `partial` (same config, unfinished) or `stale`."""
+        manifest = read_manifest(self.path)
+        stage = read_json(self.path / STAGE)
+        if manifest is None and stage is None:
+            return "missing"
+        rec = manifest or stage
+        if rec.get("config_hash") != self.config_hash or rec.get("inputs", {}) != self.inputs:
+            return "stale"
+        return "complete" if manifest is not None else "partial"
+
+    def is_complete(self) -> bool:
+        return self.state() == "complete"
+
+    def begin(self) -> None:
+        """Claim the directory for this config; refuse one made by another config."""
+        state = self.state()
+        if state == "stale":
+            if not self.overwrite:
+                rec = read_manifest(self.path) or read_json(self.path / STAGE) or {}
+                raise LmfuseError(
+                    f"{self.path} holds a '{rec.get('stage', '?')}' artifact made from a different "
+                    f"config (config hash {rec.get('config_hash')}, inputs {rec.get('inputs')}; "
+                    f"this run has {self.config_hash}, inputs {self.inputs})",
+                    where=str(self.path),
+                    fix="use another output directory, or pass --overwrite to delete it and start again",
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if state in ("missing", "stale"):
+            atomic_write_json(self.path / STAGE, {
+                "stage": self.stage, "config_hash": self.config_hash, "inputs": self.inputs,
+                "lmfuse_version": __version__,
+            })
+
+    # -- shards --------------------------------------------------------------------------
+    @property
+    def shard_dir(self) -> Path:
+        return self.path / "shards"
+
+    def shard_path(self, i: int) -> Path:
+        return self.shard_dir / f"shard-{i:05d}.arrow"
+
+    def shard_done(self, i: int) -> bool:
+        return self.shard_path(i).exists()
+
+    def write_shard(self, i: int, table: pa.Table) -> None:
+        write_arrow(self.shard_path(i), table)
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("shard-*.arrow"))
+
+    def load(self):
+        """The artifact's rows as one memory-mapped `datasets.Dataset`."""
+        if not self.is_complete():
+            raise LmfuseError(f"{self.stage} artifact at {self.path} is not complete",
+                              where=str(self.path), fix=f"run `lmfuse {self.stage}` first")
+        return load_arrow_dataset(self.shard_paths())
+
+    # -- finish --------------------------------------------------------------------------
+    def finish(self, **extra: Any) -> dict:
+        """Write the manifest; the artifact is complete from then on."""
+        manifest = {
+            "stage": self.stage,
+            "lmfuse_version": __version__,
+            "config_hash": self.config_hash,
+            "inputs": self.inputs,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - self._t0, 3),
+            **extra,
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+
+def open_artifact(path: str | Path, stage: str) -> tuple[dict, Any]:
+    """Read a complete upstream artifact: (manifest, dataset)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise LmfuseError(f"no complete {stage} artifact at {path}", where=str(path),
+                          fix=f"run `lmfuse {stage}` first (or `lmfuse run CONFIG`)")
+    if manifest.get("stage") != stage:
+        raise LmfuseError(f"{path} holds a '{manifest.get('stage')}' artifact, not '{stage}'",
+                          where=str(path), fix="point at the right directory")
+    shards = sorted((path / "shards").glob("shard-*.arrow"))
+    return manifest, (load_arrow_dataset(shards) if shards else None)

@@ -1,0 +1,249 @@
+"""One pydantic config for a whole fusion, loaded from YAML.
+
+`validate_config` reports every problem at once, each with its location in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmfuse.errors import LmfuseError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """One model: a local HF directory, a `.gguf` file, a pulled name, or a hub id."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique name used for artifact folders")
+    path: str = Field(description="HF model dir, .gguf file, `pull:NAME` (see `lmfuse models list`), or hub id")
+    dtype: Dtype = "bfloat16"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class CorpusConfig(_Section):
+    path: str = Field(description=".txt file or folder of them, .jsonl, .parquet, or a saved HF dataset dir")
+    text_field: str = "text"
+    domain_field: str = "domain"
+    max_docs_per_domain: int | None = Field(None, ge=1)
+
+
+class PrepareConfig(_Section):
+    block_size: int = Field(512, ge=2, description="max tokens per block, for every model")
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    min_validation_blocks: int = Field(1, ge=0, description="per domain")
+    max_blocks_per_domain: int | None = Field(None, ge=1)
+    min_block_chars: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class ExtractConfig(_Section):
+    top_k: int = Field(10, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(64, ge=1, description="blocks per shard (the unit of resume)")
+
+
+class VocabMapConfig(_Section):
+    method: str = "retokenize"
+    workers: int = Field(-1, description="processes for `mined` (-1 = all cores)")
+
+
+class AlignConfig(_Section):
+    method: str = "offsets"
+    dtw_band: int = Field(64, ge=1, description="band half-width for `dtw`")
+
+
+class TrainConfig(_Section):
+    fusion: str = "minCE"
+    level: Literal["sequence", "token"] = "sequence"
+    quality: Literal["nll_per_byte", "ce_per_token"] = "nll_per_byte"
+    include_target: bool = True
+    outside_topk: Literal["renormalize", "gold"] = "renormalize"
+    temperature: float = Field(1.0, gt=0)
+    clm_weight: float = Field(0.9, description="λ: weight of the plain LM loss; 1 - λ goes to fusion")
+    clm_weight_schedule: Literal["constant", "linear"] = "constant"
+    loss: Literal["ce", "kl"] = "ce"
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Dtype = "bfloat16"
+    gradient_checkpointing: bool = False
+    logits_chunk_size: int | None = Field(None, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="steps; 0 = only at the end")
+    seed: int = 0
+    control: bool = Field(True, description="also train the λ = 1 control on the same data")
+    tensorboard: bool = False
+
+    @field_validator("clm_weight")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"λ (clm_weight) must lie in [0, 1], got {v}")
+        return v
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    split: Literal["validation", "train", "all"] = "validation"
+
+
+class BaselinesConfig(_Section):
+    ensemble: list[list[str]] = Field(default_factory=list, description="groups of model names sharing a tokenizer")
+    merge: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class FuseConfig(_Section):
+    """A whole fusion: models, corpus and every stage's options."""
+
+    output_dir: str
+    target: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    corpus: CorpusConfig
+    prepare: PrepareConfig = PrepareConfig()
+    extract: ExtractConfig = ExtractConfig()
+    vocab_map: VocabMapConfig = VocabMapConfig()
+    align: AlignConfig = AlignConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FuseConfig:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [self.target, *self.sources]
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise LmfuseError(f"no model named {name!r} in the config",
+                          fix=f"choose one of: {', '.join(m.name for m in self.models)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _plugin_problems(cfg: FuseConfig) -> list[str]:
+    """Names of plugins that do not exist (imported late: plugins register on import)."""
+    from lmfuse import align, fusion, vocabmap
+
+    problems = []
+    for where, reg, name in [
+        ("vocab_map.method", vocabmap.METHODS, cfg.vocab_map.method),
+        ("align.method", align.METHODS, cfg.align.method),
+        ("train.fusion", fusion.FUSIONS, cfg.train.fusion),
+    ]:
+        if name not in reg:
+            problems.append(f"{where}: unknown {reg.kind} {name!r}; choose one of: {', '.join(reg.names())}")
+    return problems
+
+
+def _path_problems(cfg: FuseConfig, base: Path) -> list[str]:
+    from lmfuse.models import model_path_problem
+
+    problems = []
+    corpus = _resolve(cfg.corpus.path, base)
+    if not corpus.exists():
+        problems.append(f"corpus.path: {cfg.corpus.path!r} does not exist")
+    for i, m in enumerate(cfg.models):
+        loc = "target" if i == 0 else f"sources[{i - 1}]"
+        p = model_path_problem(m)
+        if p:
+            problems.append(f"{loc}.path: {p}")
+    return problems
+
+
+def _resolve(p: str, base: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _format_pydantic(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def parse_config(data: dict, base: Path | None = None) -> tuple[FuseConfig | None, list[str]]:
+    """Build a config from a dict; return it (or None) and every problem found."""
+    base = base or Path.cwd()
+    try:
+        cfg = FuseConfig.model_validate(data)
+    except ValidationError as e:
+        return None, _format_pydantic(e)
+    # Paths in the config are relative to the config file's folder.
+    cfg = _rebase(cfg, base)
+    problems = _plugin_problems(cfg) + _path_problems(cfg, base)
+    return cfg, problems
+
+
+def _rebase(cfg: FuseConfig, base: Path) -> FuseConfig:
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        if q.is_absolute():
+            return str(q)
+        local = base / q
+        return str(local) if (local.exists() or p.startswith(".")) else p
+
+    models = [m.model_copy(update={"path": fix(m.path)}) for m in cfg.models]
+    return cfg.model_copy(update={
+        "output_dir": str(_resolve(cfg.output_dir, base)),
+        "corpus": cfg.corpus.model_copy(update={"path": str(_resolve(cfg.corpus.path, base))}),
+        "target": models[0],
+        "sources": models[1:],
+    })
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise LmfuseError(f"config file {path} does not exist", fix="check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise LmfuseError(f"config file is not valid YAML: {e}", where=str(path)) from e
+    if not isinstance(data, dict):
+        raise LmfuseError("config file must hold a mapping at the top level", where=str(path))
+    return data
+
+
+def validate_config(path: str | Path) -> list[str]:
+    """Every problem in a config file, each as `field.path: message`."""
+    _, problems = parse_config(read_yaml(path), Path(path).resolve().parent)
+    return problems
+
+
+def load_config(path: str | Path) -> FuseConfig:
+    """Load and fully validate a config; raise one error listing every problem."""
+    cfg, problems = parse_config(read_yaml(path), Path(path).resolve().parent)
+    if problems:
+        raise LmfuseError(f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems),
+                          where=str(path), fix="correct the fields named above (`lmfuse validate` lists them)")
+    return cfg

