@@ -183,22 +183,23 @@ class FuseConfig(_Section):
         return Path(self.output_dir)
 
 
-def _plugin_problems(cfg: FuseConfig) -> list[str]:
-    """Names of plugins that do not exist (imported late: plugins register on import)."""
+PLUGINS = [("vocab_map", "method", "vocabmap", "METHODS"), ("align", "method", "align", "METHODS"),
+           ("train", "fusion", "fusion", "FUSIONS")]
+
+
+def _plugin_problems(data: dict) -> list[str]:
+    """Plugin names (in a raw config dict) that no plugin registered (plugins register on import)."""
     import importlib
 
     problems = []
-    for where, (mod, attr), name in [
-        ("vocab_map.method", ("vocabmap", "METHODS"), cfg.vocab_map.method),
-        ("align.method", ("align", "METHODS"), cfg.align.method),
-        ("train.fusion", ("fusion", "FUSIONS"), cfg.train.fusion),
-    ]:
-        try:
-            reg = getattr(importlib.import_module(f"lmfuse.{mod}"), attr)
-        except (ImportError, AttributeError):  # TEMP while modules are written
+    for section, field, mod, attr in PLUGINS:
+        sec = data.get(section)
+        name = sec.get(field) if isinstance(sec, dict) else None
+        if not isinstance(name, str):
             continue
+        reg = getattr(importlib.import_module(f"lmfuse.{mod}"), attr)
         if name not in reg:
-            problems.append(f"{where}: unknown {reg.kind} {name!r}; choose one of: {', '.join(reg.names())}")
+            problems.append(f"{section}.{field}: unknown {reg.kind} {name!r}; choose one of: {', '.join(reg.names())}")
     return problems
 
 
@@ -215,6 +216,35 @@ def _path_problems(cfg: FuseConfig, base: Path) -> list[str]:
         if p:
             problems.append(f"{loc}.path: {p}")
     return problems
+
+
+def _raw_path_problems(data: dict, base: Path) -> list[str]:
+    """Path problems in a config that failed type validation, so one run reports them all."""
+    from lmfuse.models import model_path_problem
+
+    problems = []
+    corpus = data.get("corpus")
+    if (isinstance(corpus, dict) and isinstance(corpus.get("path"), str)
+            and not _resolve(corpus["path"], base).exists()):
+        problems.append(f"corpus.path: {corpus['path']!r} does not exist")
+    entries = [("target", data.get("target"))]
+    if isinstance(data.get("sources"), list):
+        entries += [(f"sources[{i}]", m) for i, m in enumerate(data["sources"])]
+    for loc, m in entries:
+        if isinstance(m, dict) and isinstance(m.get("path"), str) and isinstance(m.get("name"), str):
+            spec = ModelSpec.model_construct(**{**m, "path": _rebase_path(m["path"], base)})
+            problem = model_path_problem(spec)
+            if problem:
+                problems.append(f"{loc}.path: {problem}")
+    return problems
+
+
+def _rebase_path(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    if q.is_absolute():
+        return str(q)
+    local = base / q
+    return str(local) if (local.exists() or p.startswith(".")) else p
 
 
 def _resolve(p: str, base: Path) -> Path:
@@ -237,22 +267,15 @@ def parse_config(data: dict, base: Path | None = None) -> tuple[FuseConfig | Non
     try:
         cfg = FuseConfig.model_validate(data)
     except ValidationError as e:
-        return None, _format_pydantic(e)
+        return None, _format_pydantic(e) + _plugin_problems(data) + _raw_path_problems(data, base)
     # Paths in the config are relative to the config file's folder.
     cfg = _rebase(cfg, base)
-    problems = _plugin_problems(cfg) + _path_problems(cfg, base)
+    problems = _plugin_problems(data) + _path_problems(cfg, base)
     return cfg, problems
 
 
 def _rebase(cfg: FuseConfig, base: Path) -> FuseConfig:
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
-        if q.is_absolute():
-            return str(q)
-        local = base / q
-        return str(local) if (local.exists() or p.startswith(".")) else p
-
-    models = [m.model_copy(update={"path": fix(m.path)}) for m in cfg.models]
+    models = [m.model_copy(update={"path": _rebase_path(m.path, base)}) for m in cfg.models]
     return cfg.model_copy(update={
         "output_dir": str(_resolve(cfg.output_dir, base)),
         "corpus": cfg.corpus.model_copy(update={"path": str(_resolve(cfg.corpus.path, base))}),

@@ -36,7 +36,15 @@ def _corpus(repeat: int = 30) -> list[str]:
 
 def build_tokenizer(kind: str, vocab_size: int = 400):
     """A trained `PreTrainedTokenizerFast` of the given kind."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if kind == "bpe":
@@ -78,8 +86,7 @@ def build_tokenizer(kind: str, vocab_size: int = 400):
 def build_model(kind: str, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
     """A tiny random causal LM; the architecture follows the tokenizer kind."""
     import torch
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     torch.manual_seed(seed)
     if kind == "bpe":

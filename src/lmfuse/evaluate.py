@@ -1,0 +1,425 @@
+"""Held-out evaluation: perplexity per domain and bits-per-byte, the fair metric across tokenizers.
+
+Perplexity per token depends on the tokenizer (longer tokens, fewer and harder tokens), so models
+with different tokenizers are compared by bits per byte: the summed NLL of a block divided by
+`ln 2` times the UTF-8 bytes of the text that NLL scores. The scored text follows the extract
+stage's convention (ARCHITECTURE.md, `nll_sum`/`scored_bytes`): the tokenizer's own special tokens
+are kept (BOS included), position 0 predicts token 1, so the scored text is `text[offset_end[0]:]`.
+
+`block_nll` and `summarize` are pure; `run_eval` does the I/O and caches each model's result
+under `RUN/eval/cache/`, keyed by the model's fingerprint and the data's hash, so adding one
+model to a finished evaluation evaluates only that model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmfuse.artifacts import atomic_write_bytes, atomic_write_json, hash_obj, read_json
+from lmfuse.errors import LmfuseError
+
+LN2 = math.log(2.0)
+
+
+# -- pure functions ----------------------------------------------------------------------------
+def end_offsets(offsets: Sequence[tuple[int, int]], special: Sequence[int]) -> list[int]:
+    """Character end offset of every token, special tokens placed at the previous token's end.
+
+    Args:
+        offsets: `[T]` (start, end) pairs from a fast tokenizer.
+        special: `[T]` 1 where the token is a special token (its offsets are meaningless).
+
+    Returns:
+        `[T]` non-decreasing end offsets (a leading BOS gets 0).
+    """
+    out, prev = [], 0
+    for (_, e), s in zip(offsets, special, strict=True):
+        if s:
+            e = prev
+        out.append(e)
+        prev = max(prev, e)  # as extract.encode_blocks: the text end reached so far
+    return out
+
+
+def scored_bytes(text: str, offsets: Sequence[tuple[int, int]], special: Sequence[int]) -> int:
+    """UTF-8 bytes of `text[offset_end[0]:]`, the text the NLL of a block scores.
+
+    Args:
+        text: The block's text.
+        offsets: `[T]` (start, end) character offsets.
+        special: `[T]` special-token mask.
+    """
+    if not offsets:
+        return 0
+    return len(text[end_offsets(offsets, special)[0]:].encode("utf-8"))
+
+
+def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, device: str | None = None,
+              progress: bool | str = False) -> list[tuple[float, int, int]]:
+    """Summed next-token NLL of each text under a causal LM.
+
+    Texts are tokenized with the tokenizer's own special tokens, batched longest first with right
+    padding and an attention mask, and scored in float32 whatever the model's dtype.
+
+    Args:
+        model: Causal LM already on `device`; `model(input_ids=[B, T], attention_mask=[B, T]).logits`
+            is `[B, T, V]` (unnormalized logits or log-probabilities).
+        tokenizer: Its fast tokenizer (character offsets are needed for the byte count).
+        texts: `N` block texts.
+        batch_size: Blocks per forward pass.
+        device: Where the inputs go (`None`: the model's device).
+        progress: Show a tqdm bar (a string is used as its label).
+
+    Returns:
+        `N` tuples `(nll_sum, n_tokens, scored_bytes)` in the order of `texts`: NLL in nats summed
+        over the `T - 1` predicted tokens, `T - 1`, and the UTF-8 bytes of the scored text.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise LmfuseError(f"batch_size must be ≥ 1, got {batch_size}", fix="set eval.batch_size ≥ 1")
+    if device is None:
+        device = next(model.parameters()).device
+    enc = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True,
+                    return_special_tokens_mask=True)
+    ids = enc["input_ids"]
+    results: list[tuple[float, int, int] | None] = [None] * len(ids)
+    for i, text in enumerate(texts):
+        if len(ids[i]) < 2:  # nothing to predict
+            results[i] = (0.0, 0, scored_bytes(text, enc["offset_mapping"][i], enc["special_tokens_mask"][i]))
+    todo = sorted((i for i in range(len(ids)) if results[i] is None), key=lambda i: -len(ids[i]))
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if todo and max_pos and len(ids[todo[0]]) > max_pos:
+        raise LmfuseError(f"a block has {len(ids[todo[0]])} tokens, more than the model's "
+                          f"{max_pos} positions", where=f"text {todo[0]}",
+                          fix="lower prepare.block_size so every model's tokenization fits")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else "eval", unit="block",
+               disable=not progress, leave=False)
+    with torch.inference_mode():
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            width = len(ids[batch[0]])
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+            for r, i in enumerate(batch):
+                n = len(ids[i])
+                # One row at a time in float32: a [B, T, V] float32 copy is large at 262k vocabularies.
+                lp = torch.log_softmax(logits[r, :n - 1].float(), dim=-1)  # (T-1, V)
+                nll = -lp.gather(-1, input_ids[r, 1:n, None]).squeeze(-1)  # (T-1,)
+                results[i] = (float(nll.double().sum()), n - 1,
+                              scored_bytes(texts[i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]))
+            del logits
+            bar.update(len(batch))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _metrics(nll: float, tokens: int, nbytes: int, blocks: int) -> dict[str, float | int]:
+    return {
+        "bpb": nll / (LN2 * nbytes) if nbytes else float("nan"),
+        "ppl": math.exp(nll / tokens) if tokens else float("nan"),
+        "nll": nll, "tokens": tokens, "bytes": nbytes, "blocks": blocks,
+    }
+
+
+def summarize(rows: Sequence[tuple[float, int, int]], domains: Sequence[str]) -> dict[str, Any]:
+    """Per-domain and overall perplexity and bits per byte.
+
+    Sums are pooled over blocks (not averages of per-block ratios), so long blocks weigh more.
+
+    Args:
+        rows: `N` tuples `(nll_sum, n_tokens, scored_bytes)` from `block_nll`.
+        domains: `N` domain names.
+
+    Returns:
+        `{"domains": {name: metrics}, "overall": metrics}`; metrics are `bpb` (Σ nll / (ln 2 · Σ
+        bytes)), `ppl` (exp(Σ nll / Σ tokens)), `nll`, `tokens`, `bytes`, `blocks`.
+    """
+    if len(rows) != len(domains):
+        raise ValueError(f"{len(rows)} rows but {len(domains)} domains")
+    sums: dict[str, list] = {}
+    for (nll, tok, nb), d in zip(rows, domains, strict=True):
+        s = sums.setdefault(d, [0.0, 0, 0, 0])
+        s[0] += nll
+        s[1] += tok
+        s[2] += nb
+        s[3] += 1
+    total = [sum(s[j] for s in sums.values()) for j in range(4)]
+    return {"domains": {d: _metrics(*sums[d]) for d in sorted(sums)}, "overall": _metrics(*total)}
+
+
+# -- models to evaluate ------------------------------------------------------------------------
+@dataclass
+class EvalModel:
+    """One entry of the evaluation: a label, how to load it, and a fingerprint for the cache."""
+
+    label: str
+    kind: str  # target | source | fused | clm | ensemble | merge | model
+    spec: Any = None  # ModelSpec (or None for ensembles)
+    members: list[Any] = field(default_factory=list)  # ensemble members (ModelSpec)
+
+    def specs(self) -> list[Any]:
+        return self.members or [self.spec]
+
+
+def _dir_spec(name: str, path: str | Path):
+    from lmfuse.config import ModelSpec
+
+    return ModelSpec(name=name, path=str(path), dtype="float32")
+
+
+def hf_model_dir(path: str | Path) -> Path | None:
+    """The HF model directory inside a training output folder, or None if it has none yet."""
+    path = Path(path)
+    for p in (path, path / "model", path / "final"):
+        if (p / "config.json").exists():
+            return p
+    return None
+
+
+def fingerprint(spec) -> str:
+    """A cheap fingerprint of a model: config + weight files' names, sizes and mtimes."""
+    p = Path(spec.path).expanduser()
+    parts: list[Any] = [spec.path, spec.revision]
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".json", ".bin", ".model")):
+                st = f.stat()
+                parts.append([f.name, st.st_size, st.st_mtime_ns])
+    elif p.is_file():
+        st = p.stat()
+        parts.append([p.name, st.st_size, st.st_mtime_ns])
+    return hash_obj(parts)
+
+
+def default_models(cfg) -> list[EvalModel]:
+    """Target, every source, `train/fused`, `train/clm` (when present), and configured baselines."""
+    from lmfuse import baselines
+
+    run = cfg.run_dir
+    out = [EvalModel(cfg.target.name, "target", cfg.target)]
+    out += [EvalModel(s.name, "source", s) for s in cfg.sources]
+    for kind in ("fused", "clm"):
+        # Only a finished training (manifest written after the weights) counts.
+        d = hf_model_dir(run / "train" / kind) if (run / "train" / kind / "manifest.json").exists() else None
+        if d is not None:
+            out.append(EvalModel(kind, kind, _dir_spec(kind, d)))
+    out += baselines.eval_models(cfg)
+    return out
+
+
+def _as_eval_models(cfg, models) -> list[EvalModel]:
+    from lmfuse.config import ModelSpec
+
+    out = []
+    for m in models:
+        if isinstance(m, EvalModel):
+            out.append(m)
+            continue
+        label, what = m
+        if isinstance(what, ModelSpec):
+            out.append(EvalModel(label, "model", what))
+        else:
+            out.append(EvalModel(label, "model", _dir_spec(_safe_name(label), what)))
+    labels = [m.label for m in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise LmfuseError(f"model labels must be unique; repeated: {', '.join(dup)}",
+                          fix="give each evaluated model its own label")
+    return out
+
+
+def _safe_name(label: str) -> str:
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "model"
+    return s if s[0].isalnum() else "m" + s
+
+
+# -- data --------------------------------------------------------------------------------------
+def load_blocks(cfg) -> tuple[list[dict], str]:
+    """All prepared blocks as dicts (block_id, doc_id, domain, split, text), and the data hash."""
+    from lmfuse.artifacts import open_artifact
+
+    path = cfg.run_dir / "prepare"
+    try:
+        from lmfuse import prepare
+
+        art = prepare.artifact(cfg)
+        path = Path(getattr(art, "path", path))
+    except (ImportError, AttributeError):
+        pass
+    manifest, ds = open_artifact(path, "prepare")
+    if ds is None:
+        raise LmfuseError("the prepare artifact holds no blocks", where=str(path),
+                          fix="check the corpus path and rerun `lmfuse prepare`")
+    cols = ["block_id", "domain", "split", "text"]
+    blocks = [dict(zip(cols, vals, strict=True)) for vals in zip(*(ds[c] for c in cols), strict=True)]
+    return blocks, manifest.get("config_hash") or hash_obj([b["text"] for b in blocks])
+
+
+def select_blocks(blocks: Sequence[dict], split: str) -> list[dict]:
+    """The blocks to evaluate; refuse when a domain has none of them.
+
+    Args:
+        blocks: All prepared blocks (dicts with `domain`, `split`, `text`).
+        split: `validation`, `train` or `all`.
+    """
+    chosen = [b for b in blocks if split == "all" or b["split"] == split]
+    empty = sorted({b["domain"] for b in blocks} - {b["domain"] for b in chosen})
+    if empty:
+        raise LmfuseError(
+            f"domain(s) {', '.join(map(repr, empty))} have no {split} blocks to evaluate on",
+            where="prepare artifact",
+            fix="raise prepare.min_validation_blocks (per domain) or prepare.validation_fraction, "
+                "add text for those domains, then rerun `lmfuse prepare`",
+        )
+    if not chosen:
+        raise LmfuseError(f"no {split} blocks to evaluate on", where="prepare artifact",
+                          fix="raise prepare.validation_fraction and rerun `lmfuse prepare`")
+    return chosen
+
+
+# -- loading -----------------------------------------------------------------------------------
+def check_loadable(models: Sequence[EvalModel]) -> None:
+    """Fail before any evaluation if a model's path, config or tokenizer cannot be loaded."""
+    from transformers import AutoConfig
+
+    from lmfuse.models import load_tokenizer, model_path_problem, resolve_model
+
+    problems = []
+    for m in models:
+        for spec in m.specs():
+            p = model_path_problem(spec)
+            if p:
+                problems.append(f"{m.label}: {p}")
+                continue
+            try:
+                load_tokenizer(spec)
+                path = resolve_model(spec)
+                AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+                if Path(path).is_dir() and not list(Path(path).glob("*.safetensors")):
+                    problems.append(f"{m.label}: no .safetensors weights in {path} (lmfuse loads no pickles)")
+            except Exception as e:  # collect every problem, then raise once
+                problems.append(f"{m.label}: {str(e).splitlines()[0]}")
+    if problems:
+        raise LmfuseError(f"{len(problems)} model(s) cannot be loaded:\n" + "\n".join(f"  - {p}" for p in problems),
+                          fix="fix the model paths in the config (nothing was evaluated)")
+
+
+def load_eval_model(m: EvalModel, dtype: str | None, device: str):
+    """(model, tokenizer) ready for `block_nll`."""
+    from lmfuse import baselines
+    from lmfuse.models import load_model, load_tokenizer
+
+    if m.kind == "ensemble":
+        return baselines.load_ensemble(m.members, dtype=dtype, device=device), load_tokenizer(m.members[0])
+    return load_model(m.spec, dtype=dtype, device=device), load_tokenizer(m.spec)
+
+
+# -- run ---------------------------------------------------------------------------------------
+def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
+             device: str | None = None) -> dict:
+    """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
+
+    Args:
+        cfg: The `FuseConfig`.
+        models: `(label, ModelSpec or HF dir)` pairs; default: target, sources, fused, clm, baselines.
+        overwrite: Ignore cached per-model results.
+        device: Torch device (default: CUDA when available).
+
+    Returns:
+        The results object written to `results.json`.
+    """
+    from lmfuse import baselines
+    from lmfuse.parallel import device as default_device
+
+    t0 = time.time()
+    device = device or default_device()
+    blocks, data_hash = load_blocks(cfg)
+    chosen = select_blocks(blocks, cfg.eval.split)
+    if models is None:
+        baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
+        entries = default_models(cfg)
+    else:
+        entries = _as_eval_models(cfg, models)
+    check_loadable(entries)
+    baselines.check_ensembles([m for m in entries if m.kind == "ensemble"])
+
+    out_dir = cfg.run_dir / "eval"
+    cache_dir = out_dir / "cache"
+    texts = [b["text"] for b in chosen]
+    domains = [b["domain"] for b in chosen]
+    results: dict[str, Any] = {}
+    for m in entries:
+        key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, cfg.eval.split, cfg.eval.dtype,
+                        [b["block_id"] for b in chosen]])
+        cache = cache_dir / f"{_safe_name(m.label)}-{key}.json"
+        rec = None if overwrite else read_json(cache)
+        if rec is None:
+            t = time.time()
+            model, tok = load_eval_model(m, cfg.eval.dtype, device)
+            rows = block_nll(model, tok, texts, cfg.eval.batch_size, device, progress=m.label)
+            del model
+            gc.collect()
+            rec = {**summarize(rows, domains), "kind": m.kind, "seconds": round(time.time() - t, 3),
+                   "path": [str(s.path) for s in m.specs()]}
+            atomic_write_json(cache, rec)
+        results[m.label] = rec
+
+    doc = {"split": cfg.eval.split, "data_hash": data_hash, "blocks": len(chosen),
+           "domains": sorted(set(domains)), "models": results}
+    atomic_write_json(out_dir / "results.json", doc)
+    table = results_table(doc)
+    atomic_write_bytes(out_dir / "results.md", (table + "\n").encode())
+    atomic_write_json(out_dir / "manifest.json", {
+        "stage": "eval", "seconds": round(time.time() - t0, 3),
+        "model_seconds": sum(r.get("seconds", 0.0) for r in results.values()),
+        "models": list(results), "data_hash": data_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    print(table)
+    return doc
+
+
+def results_table(doc: dict) -> str:
+    """A Markdown table: bits per byte per domain and overall (perplexity per token in brackets);
+    the best overall value in bold."""
+    domains = doc["domains"]
+    head = ["model", *domains, "overall"]
+    lines = [
+        f"Bits per byte on {doc['split']} blocks (lower is better; per-token perplexity in brackets, "
+        "comparable only between models that share a tokenizer).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    best = min(rec["overall"]["bpb"] for rec in doc["models"].values())
+    for label, rec in doc["models"].items():
+        cells = [label]
+        for d in domains:
+            mm = rec["domains"].get(d)
+            cells.append(f"{mm['bpb']:.4f} ({mm['ppl']:.2f})" if mm else "–")
+        o = rec["overall"]
+        cells.append(f"**{o['bpb']:.4f}** ({o['ppl']:.2f})" if o["bpb"] == best else f"{o['bpb']:.4f} ({o['ppl']:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_results(run_dir: str | Path) -> dict | None:
+    """`RUN/eval/results.json`, or None when eval has not run."""
+    p = Path(run_dir) / "eval" / "results.json"
+    return json.loads(p.read_text()) if p.exists() else None

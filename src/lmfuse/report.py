@@ -1,0 +1,481 @@
+"""The run report: `RUN/report/report.md` and a self-contained `report.html` with PNG plots.
+
+Everything is read from the run directory (eval results, training logs, alignment and vocab-map
+manifests, every manifest's `seconds`); parts that are missing are reported as "not run" rather
+than failing, so the report can be written at any point of a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmfuse.artifacts import atomic_write_bytes, read_json
+
+COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
+          "#CCB974", "#64B5CD"]
+KIND_COLORS = {"fused": "#C44E52", "clm": "#4C72B0", "target": "#8C8C8C"}
+
+
+# -- reading the run ---------------------------------------------------------------------------
+def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Training and validation records of a `log.jsonl`: lines with `loss` and with `eval_loss`."""
+    path = Path(path)
+    train, val = [], []
+    if not path.exists():
+        return train, val
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        if _num(rec.get("eval_loss")):
+            val.append(rec)
+        if _num(rec.get("loss")):
+            train.append(rec)
+    return train, val
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def stage_timings(run_dir: Path) -> list[tuple[str, float]]:
+    """(artifact, seconds) for every complete artifact under the run directory, in pipeline order."""
+    order = ["prepare", "extract", "vocab_map", "align", "baselines", "train", "eval"]
+    out = []
+    for stage in order:
+        base = run_dir / stage
+        if not base.is_dir():
+            continue
+        for m in [base / "manifest.json", *sorted(base.glob("*/manifest.json"))]:
+            rec = read_json(m) if m.exists() else None
+            if rec and _num(rec.get("seconds")):
+                out.append((str(m.parent.relative_to(run_dir)), float(rec["seconds"])))
+    return out
+
+
+def scalar_stats(manifest: dict | None) -> dict[str, float]:
+    """Numeric top-level (and one level nested) manifest fields, except bookkeeping ones."""
+    skip = {"seconds", "rows", "config_hash", "top_k", "k", "shard_size", "n_shards"}
+    out: dict[str, float] = {}
+    for k, v in (manifest or {}).items():
+        if k in skip or k.endswith("_seconds"):
+            continue
+        if _num(v):
+            out[k] = float(v)
+        elif isinstance(v, dict):
+            for k2, v2 in v.items():
+                if _num(v2):
+                    out[f"{k}.{k2}"] = float(v2)
+    return out
+
+
+def fraction_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The fields that are fractions in [0, 1] (aligned fraction, mapped mass, coverage...)."""
+    words = ("fraction", "mass", "coverage", "rate", "ratio")
+    return {k: v for k, v in stats.items() if 0.0 <= v <= 1.0 and any(w in k.lower() for w in words)}
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    return fig
+
+
+def _color(i: int, label: str, kind: str | None = None) -> str:
+    return KIND_COLORS.get(kind or label, COLORS[i % len(COLORS)])
+
+
+def model_colors(models: dict[str, dict]) -> dict[str, str]:
+    """One color per model, the same in every plot: fixed ones for target/fused/control, the rest
+    drawn from the palette without reusing those."""
+    free = [c for c in COLORS if c not in KIND_COLORS.values()]
+    out, j = {}, 0
+    for label, rec in models.items():
+        kind = rec.get("kind")
+        if kind in KIND_COLORS and kind not in [models[m].get("kind") for m in out]:
+            out[label] = KIND_COLORS[kind]
+        else:
+            out[label] = free[j % len(free)]
+            j += 1
+    return out
+
+
+def _signed(v: float, digits: int = 3) -> str:
+    s = f"{v:+.{digits}f}"
+    return s.replace("-", "+") if float(s) == 0 else s
+
+
+def plot_bpb(results: dict, out: Path) -> Path:
+    """Grouped bars: bits per byte per domain (and overall) for every model, values on bars."""
+    import numpy as np
+
+    models = list(results["models"])
+    groups = [*results["domains"], "overall"]
+    n = len(models)
+    width = 0.8 / n
+    fig = _figure(max(6.5, 1.1 + len(groups) * (0.35 + 0.32 * n)), 4.6)
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    top = 0.0
+    colors = model_colors(results["models"])
+    for i, label in enumerate(models):
+        rec = results["models"][label]
+        vals = [rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
+                for g in groups]
+        top = max([top, *[v for v in vals if np.isfinite(v)]])
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=label, color=colors[label])
+        ax.bar_label(bars, fmt="%.3f", fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0,
+                     padding=2)
+    ax.set_xticks(x, groups)
+    ax.axvline(len(groups) - 1.5, color="#BBBBBB", lw=0.8, ls=":")
+    ax.set_ylim(0, top * (1.22 if n > 2 else 1.12))
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_xlabel("validation domain")
+    ax.set_title(f"Held-out bits per byte by domain ({results.get('blocks', '?')} {results.get('split', '')} blocks)")
+    ax.legend(fontsize=8, ncols=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.savefig(out)
+    return out
+
+
+def plot_bpb_delta(results: dict, reference: str, out: Path) -> Path:
+    """Bars: change in bits per byte of every other model against `reference` (negative = better)."""
+    import numpy as np
+
+    others = [m for m in results["models"] if m != reference]
+    groups = [*results["domains"], "overall"]
+    ref = results["models"][reference]
+
+    def bpb(rec, g):
+        return rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
+
+    n = max(len(others), 1)
+    width = 0.8 / n
+    fig = _figure(max(6.5, 1.1 + len(groups) * (0.35 + 0.32 * n)), 4.4)
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    colors = model_colors(results["models"])
+    for i, label in enumerate(others):
+        rec = results["models"][label]
+        vals = [bpb(rec, g) - bpb(ref, g) for g in groups]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=label, color=colors[label])
+        ax.bar_label(bars, labels=[_signed(v) for v in vals], fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0, padding=2)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.margins(y=0.2)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(f"Δ bits per byte vs {reference}\n(below 0 = better than {reference})")
+    ax.set_title(f"Change in bits per byte relative to {reference}")
+    ax.legend(fontsize=8, ncols=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.savefig(out)
+    return out
+
+
+def _smooth(y: Sequence[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in y:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_losses(logs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> Path:
+    """Training (LM part) and validation loss per step, fused vs control."""
+    fig = _figure(11, 4.2)
+    ax_tr, ax_va = fig.subplots(1, 2)
+    for i, (name, (train, val)) in enumerate(logs.items()):
+        color = _color(i, name)
+        if train:
+            steps = [r["step"] for r in train]
+            # The LM (CLM) part of the fused loss is what the control optimises: compare those.
+            key = "clm" if all(_num(r.get("clm")) for r in train) else "loss"
+            y = [r[key] for r in train]
+            w = max(1, len(y) // 25)
+            if w > 1:
+                ax_tr.plot(steps, y, color=color, alpha=0.25, lw=0.8)
+            ax_tr.plot(steps, _smooth(y, w), color=color, lw=1.8,
+                       label=f"{name}: {'LM part of the loss' if key == 'clm' else 'loss'}"
+                             + (f" (mean of {w} steps)" if w > 1 else ""))
+            if key == "clm" and all(_num(r.get("fusion")) for r in train) and any(r["fusion"] for r in train):
+                ax_tr.plot(steps, _smooth([r["fusion"] for r in train], w), color=color, lw=1.2, ls="--",
+                           label=f"{name}: fusion part")
+        if val:
+            ax_va.plot([r["step"] for r in val], [r["eval_loss"] for r in val], color=color, lw=1.8,
+                       marker="o", ms=4, label=name)
+    ax_tr.set_title("Training loss")
+    ax_va.set_title("Validation loss")
+    for ax in (ax_tr, ax_va):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats per token, lower is better)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="#888888")
+    fig.savefig(out)
+    return out
+
+
+def plot_fractions(stats: dict[str, dict[str, float]], title: str, out: Path) -> Path:
+    """Grouped bars of fraction diagnostics (0–1) per source, values on bars."""
+    import numpy as np
+
+    sources = list(stats)
+    keys = sorted({k for s in stats.values() for k in s})
+    n = len(keys)
+    width = 0.8 / n
+    fig = _figure(max(6.0, 1.5 + len(sources) * (0.4 + 0.45 * n)), 4.2)
+    ax = fig.subplots()
+    x = np.arange(len(sources))
+    for i, k in enumerate(keys):
+        vals = [stats[s].get(k, np.nan) * 100 for s in sources]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=_pretty(k),
+                      color=COLORS[i % len(COLORS)])
+        ax.bar_label(bars, fmt="%.1f%%", fontsize=8 if n < 5 else 7, padding=2, rotation=0 if n < 5 else 90)
+    ax.set_xticks(x, sources)
+    ax.set_ylim(0, 112 if n < 5 else 122)
+    ax.set_ylabel("percent (higher is better)")
+    ax.set_xlabel("source model")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=min(n, 3), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.savefig(out)
+    return out
+
+
+def _pretty(key: str) -> str:
+    """`aligned_fraction_per_domain.code` → `aligned fraction: code`."""
+    head, _, tail = key.partition(".")
+    head = head.removesuffix("_per_domain").replace("_", " ")
+    return f"{head}: {tail.replace('_', ' ')}" if tail else head
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def plot_timings(timings: list[tuple[str, float]], out: Path) -> Path:
+    """Horizontal bars: wall-clock seconds per stage artifact."""
+    names = [n for n, _ in timings][::-1]
+    secs = [s for _, s in timings][::-1]
+    fig = _figure(7.5, 1.2 + 0.38 * len(names))
+    ax = fig.subplots()
+    stages = sorted({n.split("/")[0] for n in names})
+    colors = [COLORS[stages.index(n.split("/")[0]) % len(COLORS)] for n in names]
+    bars = ax.barh(names, secs, color=colors)
+    ax.bar_label(bars, labels=[_fmt_seconds(s) for s in secs], fontsize=8, padding=3)
+    ax.set_xlim(0, max(secs) * 1.2 if secs and max(secs) > 0 else 1)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_title("Time per stage")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.savefig(out)
+    return out
+
+
+# -- documents ---------------------------------------------------------------------------------
+class _Doc:
+    """A tiny document model rendered to both Markdown and HTML."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def h(self, text: str, level: int = 2):
+        self.items.append(("h", level, text))
+
+    def p(self, text: str):
+        self.items.append(("p", text))
+
+    def table(self, head: Sequence[str], rows: Sequence[Sequence[Any]]):
+        self.items.append(("table", list(head), [list(r) for r in rows]))
+
+    def img(self, path: Path, alt: str):
+        self.items.append(("img", path, alt))
+
+    def markdown(self) -> str:
+        out = []
+        for it in self.items:
+            if it[0] == "h":
+                out.append("#" * it[1] + " " + it[2])
+            elif it[0] == "p":
+                out.append(it[1])
+            elif it[0] == "table":
+                out.append("| " + " | ".join(it[1]) + " |")
+                out.append("|" + "|".join(["---"] + ["---:"] * (len(it[1]) - 1)) + "|")
+                out += ["| " + " | ".join(map(str, r)) + " |" for r in it[2]]
+            else:
+                out.append(f"![{it[2]}]({it[1].name})")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        body = []
+        for it in self.items:
+            if it[0] == "h":
+                body.append(f"<h{it[1]}>{html.escape(it[2])}</h{it[1]}>")
+            elif it[0] == "p":
+                body.append(f"<p>{_inline(it[1])}</p>")
+            elif it[0] == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in it[1])
+                rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in it[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            else:
+                data = base64.b64encode(it[1].read_bytes()).decode()
+                body.append(f'<figure><img alt="{html.escape(it[2])}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{html.escape(it[2])}</figcaption></figure>")
+        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+                 "td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
+                 "img{max-width:100%}figcaption{color:#666;font-size:0.9em}code{background:#f3f3f3;padding:1px 3px}")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """Escape, then render `code` and **bold** spans."""
+    import re
+
+    s = html.escape(text)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `RUN/report/report.md`, `report.html` (PNGs embedded) and the PNGs; return the .md path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = _Doc()
+    doc.h(f"lmfuse report: {run_dir.name}", 1)
+    cfg = _config_summary(run_dir)
+    if cfg:
+        doc.p(cfg)
+
+    # Results.
+    doc.h("Held-out results")
+    results = read_json(run_dir / "eval" / "results.json")
+    if not results or not results.get("models"):
+        doc.p("Evaluation: not run (`lmfuse eval`).")
+    else:
+        doc.p("Bits per byte (lower is better) is the comparison that is fair across tokenizers; "
+              "perplexity is per token of each model's own tokenizer.")
+        head = ["model", *results["domains"], "overall", "overall ppl/token"]
+        rows = []
+        best = min(results["models"].values(), key=lambda r: r["overall"]["bpb"])["overall"]["bpb"]
+        for label, rec in results["models"].items():
+            kind = rec.get("kind")
+            cells = [f"{label} ({kind})" if kind not in (None, "model", label) else label]
+            cells += [f"{rec['domains'][d]['bpb']:.4f}" if d in rec["domains"] else "–" for d in results["domains"]]
+            o = rec["overall"]["bpb"]
+            cells += [f"**{o:.4f}**" if o == best else f"{o:.4f}", f"{rec['overall']['ppl']:.2f}"]
+            rows.append(cells)
+        doc.table(head, rows)
+        doc.img(plot_bpb(results, out / "bpb.png"), "Bits per byte per domain for every model")
+        ref = _reference(results)
+        if ref and len(results["models"]) > 1:
+            doc.img(plot_bpb_delta(results, ref, out / "bpb_delta.png"),
+                    f"Change in bits per byte against {ref} (below zero is better)")
+
+    # Training.
+    doc.h("Training")
+    logs = {}
+    for name in ("fused", "clm"):
+        train, val = read_log(run_dir / "train" / name / "log.jsonl")
+        if train or val:
+            logs[name] = (train, val)
+    for name in ("fused", "clm"):
+        if name not in logs:
+            doc.p(f"`train/{name}`: not run.")
+    if logs:
+        rows = []
+        for name, (train, val) in logs.items():
+            rows.append([name, len(train), train[-1]["step"] if train else "–",
+                         f"{train[-1]['loss']:.4f}" if train else "–",
+                         f"{val[-1]['eval_loss']:.4f}" if val else "–"])
+        doc.table(["model", "logged steps", "last step", "last training loss", "last validation loss"], rows)
+        doc.img(plot_losses(logs, out / "loss.png"),
+                "Training and validation loss, fused vs the λ = 1 control (the fused model's curve is the LM part)")
+
+    # Alignment diagnostics.
+    doc.h("Alignment and vocabulary mapping")
+    for stage, title in (("vocab_map", "Vocabulary mapping per source"), ("align", "Alignment per source")):
+        found = {p.parent.name: scalar_stats(read_json(p)) for p in sorted((run_dir / stage).glob("*/manifest.json"))}
+        if not found:
+            doc.p(f"`{stage}`: not run.")
+            continue
+        keys = sorted({k for s in found.values() for k in s})
+        doc.p(f"**{title}** (from `{stage}/<source>/manifest.json`).")
+        doc.table(["source", *keys], [[s, *[_fmt(found[s].get(k)) for k in keys]] for s in found])
+        fr = {s: fraction_stats(v) for s, v in found.items()}
+        if any(fr.values()):
+            doc.img(plot_fractions(fr, title, out / f"{stage}.png"), title)
+
+    # Timings.
+    doc.h("Time per stage")
+    timings = stage_timings(run_dir)
+    if not timings:
+        doc.p("No complete stage yet.")
+    else:
+        doc.table(["artifact", "wall-clock"], [[n, _fmt_seconds(s)] for n, s in timings])
+        doc.p(f"Total: {_fmt_seconds(sum(s for _, s in timings))}.")
+        doc.img(plot_timings(timings, out / "timings.png"), "Wall-clock time per stage")
+
+    md = out / "report.md"
+    atomic_write_bytes(md, doc.markdown().encode())
+    atomic_write_bytes(out / "report.html", doc.html(f"lmfuse report: {run_dir.name}").encode())
+    return md
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if float(v).is_integer() and abs(v) >= 1:
+        return f"{int(v):,}"
+    return f"{v:.4f}"
+
+
+def _reference(results: dict) -> str | None:
+    """The model to compare against: the control if present, else the target."""
+    models = results["models"]
+    for kind in ("clm", "target"):
+        for label, rec in models.items():
+            if rec.get("kind") == kind:
+                return label
+    return next(iter(models), None)
+
+
+def _config_summary(run_dir: Path) -> str | None:
+    p = run_dir / "config.yaml"
+    if not p.exists():
+        return None
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(p.read_text()) or {}
+        tgt = cfg.get("target", {}).get("name", "?")
+        srcs = ", ".join(s.get("name", "?") for s in cfg.get("sources", []))
+        tr = cfg.get("train", {}) or {}
+        return (f"Target `{tgt}`; sources {srcs or '–'}; fusion `{tr.get('fusion', 'minCE')}` at "
+                f"`{tr.get('level', 'sequence')}` level, λ = {tr.get('clm_weight', 0.9)}.")
+    except Exception:  # a broken config copy must not stop the report
+        return None

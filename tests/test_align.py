@@ -1,0 +1,380 @@
+"""Alignment: offsets and DTW (against the paper's naive DTW), top-k mapping, the align stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmfuse import extract, prepare
+from lmfuse.align import (
+    AlignContext,
+    BlockTokens,
+    align_dtw,
+    align_offsets,
+    artifact,
+    boundary_ends,
+    check_extractions,
+    map_topk,
+    run_align,
+    span_nll,
+)
+from lmfuse.artifacts import read_manifest
+from lmfuse.config import (
+    AlignConfig,
+    CorpusConfig,
+    ExtractConfig,
+    FuseConfig,
+    ModelSpec,
+    VocabMapConfig,
+)
+from lmfuse.errors import LmfuseError
+from lmfuse.models import load_tokenizer, tokenizer_fingerprint
+from lmfuse.testing import build_tokenizer, make_tiny_model, write_tiny_corpus
+from lmfuse.tokentext import token_table
+from lmfuse.vocabmap import run_vocab_map
+
+TEXTS = [
+    "Hello world",
+    "  two leading spaces\n\nand newlines\t tabs",
+    "runs    of     spaces",
+    "digits 1234567890 and 3.14159",
+    "emoji 🙂🚀 mixed🙂text",
+    "日本語のテキスト。 中文",
+]
+
+
+# -- naive references -----------------------------------------------------------------------------
+def lev(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def naive_dtw(tgt: list[str], src: list[str]) -> np.ndarray:
+    """The paper's reference DTW (series 1 = source, series 2 = target), as a Python double loop."""
+    S, T = len(src), len(tgt)
+    M = np.full((S + 1, T + 1), np.inf)
+    M[0, 0] = 0
+    for i in range(S):
+        for j in range(T):
+            M[i + 1, j + 1] = lev(src[i], tgt[j]) + min(M[i, j + 1], M[i + 1, j], M[i, j])
+    M = M[1:, 1:]
+    i, j = S - 1, T - 1
+    maps: list[list[int]] = [[] for _ in range(T)]
+    while i > 0 or j > 0:
+        maps[j].append(i)
+        diag = M[i - 1, j - 1] if i > 0 and j > 0 else np.inf
+        up = M[i - 1, j] if i > 0 else np.inf
+        left = M[i, j - 1] if j > 0 else np.inf
+        move = int(np.argmin([diag, up, left]))
+        if move == 0:
+            i, j = i - 1, j - 1
+        elif move == 1:
+            i -= 1
+        else:
+            j -= 1
+    maps[0].append(0)
+    return np.array([m[0] if len(m) == 1 else -1 for m in maps])
+
+
+tokens = st.lists(st.text("ab ", max_size=3), min_size=1, max_size=14)
+
+
+@given(tokens, tokens)
+@settings(max_examples=200, deadline=None)
+def test_dtw_equals_the_naive_reference(tgt, src):
+    ref = naive_dtw(tgt, src)
+    assert align_dtw(tgt, src, band=0).tolist() == ref.tolist()
+    assert align_dtw(tgt, src, band=max(len(tgt), len(src))).tolist() == ref.tolist()
+
+
+@given(tokens, tokens, st.integers(1, 4))
+@settings(max_examples=100, deadline=None)
+def test_banded_dtw_is_a_valid_alignment(tgt, src, band):
+    out = align_dtw(tgt, src, band=band)
+    assert out.shape == (len(tgt),)
+    hit = out[out >= 0]
+    assert np.all(np.diff(hit) >= 0) and np.all(hit < len(src))
+
+
+# -- offsets ----------------------------------------------------------------------------------------
+def test_worked_example_from_the_design():
+    # Target: Hello (0,5) Ġworld (5,11); source: ▁Hello (0,5) ▁wor (5,9) ld (9,11).
+    tgt = align_offsets(boundary_ends([0, 5], [5, 11]), boundary_ends([0, 5, 9], [5, 9, 11]))
+    assert tgt.tolist() == [0, 2]
+
+
+def test_multi_byte_splits_align_only_at_the_character_end():
+    # Byte-level: an emoji in three tokens sharing (1,2), then "x" (2,3).
+    ends = boundary_ends([0, 1, 1, 1, 2], [1, 2, 2, 2, 3])
+    assert ends.tolist() == [1, -1, -1, 2, 3]
+    src = boundary_ends([0, 1, 2], [1, 2, 3])
+    assert align_offsets(ends, src).tolist() == [0, -1, -1, 1, 2]
+
+
+def test_bos_aligns_with_bos_only():
+    with_bos = boundary_ends([0, 0, 5], [0, 5, 11])
+    without = boundary_ends([0, 5], [5, 11])
+    assert align_offsets(with_bos, with_bos).tolist() == [0, 1, 2]
+    assert align_offsets(with_bos, without).tolist() == [-1, 0, 1]
+    assert align_offsets(without, with_bos).tolist() == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return {k: build_tokenizer(k) for k in ("bpe", "spm", "wordpiece")}
+
+
+def _block(tok, text):
+    e = extract.encode_blocks(tok, [text])[0]
+    return BlockTokens(np.array(e["input_ids"]), np.array(e["offset_start"]), np.array(e["offset_end"]))
+
+
+def _prefix_bytes(tok, blk, upto):
+    b = token_table(tok).bytes
+    return b"".join(b[i] for i in blk.ids[: upto + 1])
+
+
+def _check_pair(toks, tkind, skind, text):
+    """Aligned positions are followed by the same text; the tokens really end there."""
+    tt, ts = toks[tkind], toks[skind]
+    tb, sb = _block(tt, text), _block(ts, text)
+    idx = align_offsets(boundary_ends(tb.start, tb.end), boundary_ends(sb.start, sb.end))
+    for i, j in enumerate(idx):
+        if j < 0:
+            continue
+        e = tb.end[i]
+        assert sb.end[j] == e
+        for kind, tok, blk, p in ((tkind, tt, tb, i), (skind, ts, sb, j)):
+            if kind != "wordpiece":  # WordPiece drops whitespace; its bytes are not the text
+                got = _prefix_bytes(tok, blk, p)
+                want = text[:e].encode()
+                assert got in (want, b" " + want), (kind, got, want)
+    return idx
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("pair", [("bpe", "spm"), ("spm", "bpe"), ("bpe", "wordpiece"), ("wordpiece", "spm")])
+def test_offsets_on_real_tokenizers(toks, pair, text):
+    idx = _check_pair(toks, *pair, text)
+    assert (idx >= 0).any() and idx[-1] >= 0  # the block's end always aligns
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab c\n\t19🙂日本Ωé")), min_size=1, max_size=40))
+@settings(max_examples=80, deadline=None)
+def test_offsets_property_bpe_vs_spm(text):
+    toks = {k: _tok(k) for k in ("bpe", "spm")}
+    _check_pair(toks, "bpe", "spm", text)
+    _check_pair(toks, "spm", "bpe", text)
+
+
+_TOKS: dict = {}
+
+
+def _tok(kind):
+    if kind not in _TOKS:
+        _TOKS[kind] = build_tokenizer(kind)
+    return _TOKS[kind]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "wordpiece"])
+def test_identical_tokenizers_align_everything(toks, kind):
+    tok = toks[kind]
+    text = " ".join(TEXTS)
+    b = _block(tok, text)
+    T = len(b.ids)
+    assert align_offsets(boundary_ends(b.start, b.end), boundary_ends(b.start, b.end))[
+        boundary_ends(b.start, b.end) >= 0].tolist() == np.flatnonzero(boundary_ends(b.start, b.end) >= 0).tolist()
+    texts = [token_table(tok).texts[i] for i in b.ids]
+    assert align_dtw(texts, texts, band=8).tolist() == list(range(T))
+
+
+def test_bos_in_one_tokenizer_only(toks):
+    text = "Hello world"
+    tb, sb = _block(toks["bpe"], text), _block(toks["spm"], text)  # spm adds <s>
+    assert sb.end[0] == 0 and tb.end[0] > 0
+    idx = align_offsets(boundary_ends(tb.start, tb.end), boundary_ends(sb.start, sb.end))
+    assert 0 not in idx.tolist()  # nothing in the target ends where the source's BOS does
+    back = align_offsets(boundary_ends(sb.start, sb.end), boundary_ends(tb.start, tb.end))
+    assert back[0] == -1
+
+
+# -- top-k mapping and per-position quality ---------------------------------------------------------
+def test_map_topk_merges_drops_and_pads():
+    vmap = np.array([10, 11, 10, -1, 12], dtype=np.int32)
+    ids = np.array([[0, 2, 3, 1], [4, 3, 0, -1]], dtype=np.int32)
+    lp = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.1, 1.0]])).astype(np.float16)
+    lp[1, 3] = -np.inf
+    out_ids, out_lp = map_topk(ids, lp, np.array([0, -1, 1]), vmap)
+    assert out_ids.dtype == np.int32 and out_lp.dtype == np.float16
+    assert out_ids.tolist() == [[10, 11, -1, -1], [-1, -1, -1, -1], [12, 10, -1, -1]]
+    p = np.exp(out_lp.astype(np.float64))
+    assert np.allclose(p[0, :2], [0.7, 0.1], atol=2e-3) and np.allclose(p[2, :2], [0.5, 0.1], atol=2e-3)
+    assert np.all(np.isneginf(out_lp[1])) and np.all(np.isneginf(out_lp[0, 2:]))
+
+
+def test_span_nll_sums_the_source_tokens_of_each_target_token():
+    # Target ends 5, 11; source ends 5, 9, 11 with CE of tokens 1 and 2 = 0.5, 0.25.
+    out = span_nll(np.array([5, 11]), np.array([5, 9, 11]), np.array([0.5, 0.25]))
+    assert out.tolist() == [0.75]
+    # Target BOS (end 0): its span holds the source's unscored first token -> NaN.
+    out = span_nll(np.array([0, 5, 11]), np.array([5, 9, 11]), np.array([0.5, 0.25]))
+    assert np.isnan(out[0]) and out[1] == 0.75
+
+
+# -- the stage --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {k: str(make_tiny_model(root / k, k)) for k in ("bpe", "spm")}
+
+
+def _cfg(tmp_path, model_dirs, method="offsets", shard_size=3, k=4):
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        write_tiny_corpus(corpus, docs_per_domain=2)
+    return FuseConfig(output_dir=str(tmp_path / "run"), target=ModelSpec(name="tgt", path=model_dirs["bpe"]),
+                      sources=[ModelSpec(name="src", path=model_dirs["spm"])], corpus=CorpusConfig(path=str(corpus)),
+                      extract=ExtractConfig(top_k=k, shard_size=shard_size),
+                      vocab_map=VocabMapConfig(method="mined", workers=1), align=AlignConfig(method=method, dtw_band=8))
+
+
+def _blocks(cfg):
+    with open(cfg.corpus.path) as f:
+        rows = [json.loads(x) for x in f]
+    return [r["domain"] for r in rows], [r["text"] for r in rows]
+
+
+def _write_prepare(cfg, domains, texts):
+    art = prepare.artifact(cfg)
+    art.begin()
+    art.write_shard(0, pa.table({"block_id": pa.array(range(len(texts)), pa.int64()), "doc_id": list(range(len(texts))),
+                                 "domain": domains, "split": ["train"] * len(texts), "text": texts}))
+    art.finish(n_blocks=len(texts))
+
+
+def _write_extract(cfg, name, texts, seed=0, block_ids=None):
+    """A synthetic extraction in the format of ARCHITECTURE.md (random distributions)."""
+    rng = np.random.default_rng(seed)
+    tok = load_tokenizer(cfg.model(name))
+    k, S = cfg.extract.top_k, cfg.extract.shard_size
+    block_ids = list(range(len(texts))) if block_ids is None else block_ids
+    art = extract.artifact(cfg, name)
+    art.begin()
+    encs = extract.encode_blocks(tok, texts)
+    n_shards = -(-len(texts) // S)
+    for s in range(n_shards):
+        rows = range(s * S, min((s + 1) * S, len(texts)))
+        cols = {c: [] for c in extract.SCHEMA.names}
+        for r in rows:
+            T = len(encs[r]["input_ids"])
+            p = np.sort(rng.dirichlet(np.ones(k + 3), T)[:, :k], axis=1)[:, ::-1]
+            ce = rng.random(T - 1).astype(np.float32)
+            cols["block_id"].append(block_ids[r])
+            for c in ("input_ids", "offset_start", "offset_end"):
+                cols[c].append(encs[r][c])
+            cols["topk_ids"].append(rng.integers(0, len(tok), T * k).tolist())
+            cols["topk_logprobs"].append(np.log(p).astype(np.float16).reshape(-1).tolist())
+            cols["token_ce"].append(ce.tolist())
+            cols["seq_ce"].append(float(ce.mean()))
+            cols["nll_sum"].append(float(ce.astype(np.float64).sum()))
+            cols["scored_bytes"].append(len(texts[r][encs[r]["offset_end"][0]:].encode()))
+        art.write_shard(s, pa.table(cols, schema=extract.SCHEMA))
+    art.finish(top_k=k, shard_size=S, n_shards=n_shards, n_blocks=len(texts),
+               tokenizer_fingerprint=tokenizer_fingerprint(tok))
+
+
+def _setup(tmp_path, model_dirs, method="offsets", src_texts=None):
+    cfg = _cfg(tmp_path, model_dirs, method)
+    domains, texts = _blocks(cfg)
+    _write_prepare(cfg, domains, texts)
+    _write_extract(cfg, "tgt", texts, seed=1)
+    _write_extract(cfg, "src", src_texts(texts) if src_texts else texts, seed=2)
+    run_vocab_map(cfg, "src", log=lambda *_: None)
+    return cfg, texts
+
+
+@pytest.mark.parametrize("method", ["offsets", "dtw"])
+def test_run_align_end_to_end(tmp_path, model_dirs, method):
+    cfg, texts = _setup(tmp_path, model_dirs, method)
+    logs = []
+    m = run_align(cfg, "src", log=logs.append)
+    assert 0.1 < m["aligned_fraction"] <= 1 and 0 < m["mapped_mass_fraction"] <= 1.0001
+    assert set(m["aligned_fraction_per_domain"]) == {"code", "legal", "prose"}
+    assert any("aligned" in line for line in logs)
+    art = artifact(cfg, "src")
+    tgt_shards = extract.artifact(cfg, "tgt").shard_paths()
+    assert [p.name for p in art.shard_paths()] == [p.name for p in tgt_shards]
+    ds = art.load()
+    tgt = extract.artifact(cfg, "tgt").load()
+    assert ds["block_id"] == list(range(len(texts)))
+    for r in range(len(texts)):
+        T = len(tgt[r]["input_ids"])
+        assert len(ds[r]["aligned"]) == T and len(ds[r]["topk_ids"]) == T * 4
+        assert len(ds[r]["token_ce"]) == T - 1 and len(ds[r]["span_nll"]) == T - 1
+        ids = np.array(ds[r]["topk_ids"]).reshape(T, 4)
+        al = np.array(ds[r]["aligned"], bool)
+        assert np.all(ids[~al] == -1)
+        assert np.all(np.isnan(np.array(ds[r]["token_ce"], dtype=float)[~al[:-1]]))
+
+
+def test_run_align_resumes_to_the_same_bytes(tmp_path, model_dirs):
+    cfg, _ = _setup(tmp_path, model_dirs)
+    run_align(cfg, "src", log=lambda *_: None)
+    art = artifact(cfg, "src")
+    first = {p.name: p.read_bytes() for p in art.shard_paths()}
+    (art.path / "manifest.json").unlink()
+    art.shard_paths()[1].unlink()
+    run_align(cfg, "src", log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in art.shard_paths()} == first
+    assert read_manifest(art.path) is not None
+
+
+def test_block_with_different_text_is_refused(tmp_path, model_dirs):
+    def change(texts):
+        texts = list(texts)
+        texts[4] = texts[4] + " and more text"
+        return texts
+
+    cfg, _ = _setup(tmp_path, model_dirs, src_texts=change)
+    with pytest.raises(LmfuseError, match="does not match the block's text") as e:
+        run_align(cfg, "src", log=lambda *_: None)
+    assert "block 4" in str(e.value)
+
+
+def test_extractions_of_different_block_sets_are_refused(tmp_path, model_dirs):
+    cfg, texts = _setup(tmp_path, model_dirs)
+    # Rewrite the source extraction over a subset of the blocks.
+    import shutil
+
+    shutil.rmtree(extract.artifact(cfg, "src").path)
+    _write_extract(cfg, "src", texts[:-2], seed=2)
+    with pytest.raises(LmfuseError, match="do not cover the same blocks"):
+        run_align(cfg, "src", log=lambda *_: None)
+    with pytest.raises(LmfuseError, match="different prepared blocks"):
+        check_extractions({"inputs": {"prepare": "a"}}, {"inputs": {"prepare": "b"}}, "t", "s")
+
+
+def test_missing_extraction_is_a_clear_error(tmp_path, model_dirs):
+    cfg = _cfg(tmp_path, model_dirs)
+    domains, texts = _blocks(cfg)
+    _write_prepare(cfg, domains, texts)
+    with pytest.raises(LmfuseError, match="run `lmfuse extract`"):
+        run_align(cfg, "src", log=lambda *_: None)
+
+
+def test_dtw_context_is_required():
+    from lmfuse.align import METHODS
+
+    b = BlockTokens(np.array([1]), np.array([0]), np.array([1]))
+    with pytest.raises(LmfuseError):
+        METHODS.get("dtw")(b, b, AlignContext())

@@ -1,0 +1,135 @@
+"""Baselines: ensembles of probabilities and parameter merges, and their refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmfuse import baselines
+from lmfuse.baselines import ensemble_model, merge_models, merge_state_dicts
+from lmfuse.config import FuseConfig
+from lmfuse.errors import LmfuseError
+from lmfuse.evaluate import block_nll
+from lmfuse.testing import make_tiny_model
+
+TEXTS = ["Hello world! The quick brown fox.", "def add(a, b):\n    return a + b\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "a": make_tiny_model(root / "a", "bpe", seed=0),
+        "b": make_tiny_model(root / "b", "bpe", seed=1),
+        "spm": make_tiny_model(root / "spm", "spm"),
+        "wide": make_tiny_model(root / "wide", "bpe", seed=2, hidden=64),
+    }
+
+
+def _load(d):
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def test_ensemble_of_model_with_itself_equals_model(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["a"])
+    m = _load(tiny["a"])
+    single = block_nll(m, tok, TEXTS, 2, "cpu")
+    both = block_nll(ensemble_model([m, m]), tok, TEXTS, 2, "cpu")
+    for x, y in zip(single, both, strict=True):
+        assert y[1:] == x[1:]
+        assert y[0] == pytest.approx(x[0], rel=1e-5)
+
+
+def test_ensemble_averages_probabilities(tiny):
+    a, b = _load(tiny["a"]), _load(tiny["b"])
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        out = ensemble_model([a, b], weights=[3, 1])(input_ids=ids).logits
+        ref = 0.75 * torch.softmax(a(ids).logits, -1) + 0.25 * torch.softmax(b(ids).logits, -1)
+    torch.testing.assert_close(out.exp(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_refuses_different_tokenizers(tiny):
+    from lmfuse.config import ModelSpec
+
+    specs = [ModelSpec(name="a", path=str(tiny["a"])), ModelSpec(name="s", path=str(tiny["spm"]))]
+    with pytest.raises(LmfuseError, match="different vocabularies") as e:
+        baselines.check_same_tokenizer(specs, "ensemble")
+    assert "share a tokenizer" in str(e.value)
+
+
+def test_merge_model_with_itself_is_identity(tiny, tmp_path):
+    out = merge_models([tiny["a"], tiny["a"]], tmp_path / "m", weights=[0.3, 0.7])
+    ref, got = load_file(tiny["a"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(ref) == set(got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny["a"]).get_vocab()
+    _load(out)  # a normal HF directory
+
+
+def test_linear_merge_is_weighted_average(tiny, tmp_path):
+    out = merge_models([tiny["a"], tiny["b"]], tmp_path / "m", weights=[1, 3])
+    a, b = load_file(tiny["a"] / "model.safetensors"), load_file(tiny["b"] / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(got[k], 0.25 * a[k] + 0.75 * b[k])
+
+
+def test_task_arithmetic_weight_zero_returns_base(tiny, tmp_path):
+    out = merge_models([tiny["b"]], tmp_path / "ta", weights=[0.0], method="task_arithmetic", base=tiny["a"])
+    ref, got = load_file(tiny["a"] / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+    # Weight 1 on one model gives that model back.
+    sd = merge_state_dicts([load_file(tiny["b"] / "model.safetensors")], [1.0], "task_arithmetic", base=ref)
+    for k, v in load_file(tiny["b"] / "model.safetensors").items():
+        torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_refuses_different_architectures(tiny, tmp_path):
+    with pytest.raises(LmfuseError, match="different architectures"):
+        merge_models([tiny["a"], tiny["spm"]], tmp_path / "x")
+    with pytest.raises(LmfuseError, match="shapes differ") as e:
+        merge_models([tiny["a"], tiny["wide"]], tmp_path / "y")
+    assert "one architecture" in str(e.value)
+    assert not (tmp_path / "y").exists()
+
+
+def test_config_driven_baselines(tiny, tmp_path):
+    cfg = FuseConfig.model_validate({
+        "output_dir": str(tmp_path / "run"),
+        "target": {"name": "a", "path": str(tiny["a"])},
+        "sources": [{"name": "b", "path": str(tiny["b"])}, {"name": "s", "path": str(tiny["spm"])}],
+        "corpus": {"path": "x.jsonl"},
+        "baselines": {"ensemble": [["a", "b"]],
+                      "merge": [{"models": ["a", "b"]},
+                                {"models": ["b"], "method": "task_arithmetic", "base": "a", "weights": [0.5]}]},
+    })
+    outs = baselines.build_merges(cfg)
+    assert [p.name for p in outs] == ["merge-a-b", "ta-a-b"]
+    mtime = (outs[0] / "model.safetensors").stat().st_mtime_ns
+    baselines.build_merges(cfg)  # current: not rebuilt
+    assert (outs[0] / "model.safetensors").stat().st_mtime_ns == mtime
+    labels = [m.label for m in baselines.eval_models(cfg)]
+    assert labels == ["ensemble-a-b", "merge-a-b", "ta-a-b"]
+
+    bad = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"merge": [{"models": ["a", "s"]}]})})
+    with pytest.raises(LmfuseError, match="cannot merge"):
+        baselines.build_merges(bad)
+
+
+def test_config_validation_of_baselines():
+    from pydantic import ValidationError
+
+    base = {"output_dir": "r", "target": {"name": "a", "path": "x"}, "sources": [{"name": "b", "path": "y"}],
+            "corpus": {"path": "c"}}
+    with pytest.raises(ValidationError, match="base"):
+        FuseConfig.model_validate({**base, "baselines": {"merge": [{"models": ["a"], "method": "task_arithmetic"}]}})
+    with pytest.raises(ValidationError, match="weights"):
+        FuseConfig.model_validate({**base, "baselines": {"merge": [{"models": ["a", "b"], "weights": [1]}]}})
+    with pytest.raises(ValidationError, match="two or more"):
+        FuseConfig.model_validate({**base, "baselines": {"ensemble": [["a"]]}})

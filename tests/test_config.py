@@ -1,0 +1,81 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lmfuse.config import load_config, validate_config
+from lmfuse.errors import LmfuseError
+
+
+def test_valid_config_has_no_problems(make_config):
+    assert validate_config(make_config()) == []
+    cfg = load_config(make_config())
+    assert [m.name for m in cfg.sources] == ["src_spm", "src_wp"]
+    assert cfg.train.clm_weight == 0.9
+
+
+def test_three_mistakes_are_all_reported(make_config):
+    path = make_config({"train.clm_weight": 1.5, "extract.top_k": 0,
+                        "sources": [{"name": "s", "path": "/does/not/exist"}]})
+    problems = validate_config(path)
+    assert len(problems) == 3, problems
+    assert any(p.startswith("sources[0].path") and "does not exist" in p for p in problems)
+    path = make_config({"train.clm_weight": 1.5, "extract.top_k": 0, "prepare.block_size": 1})
+    problems = validate_config(path)
+    assert len(problems) == 3, problems
+    text = "\n".join(problems)
+    assert "train.clm_weight" in text and "[0, 1]" in text
+    assert "extract.top_k" in text
+    assert "prepare.block_size" in text
+
+
+def test_cli_validate_prints_every_problem(make_config):
+    path = make_config({"train.clm_weight": -0.1, "train.fusion": "maxCE", "corpus.path": "/nope.jsonl",
+                        "sources": [{"name": "s", "path": "/does/not/exist"}]})
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "validate", str(path)], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "4 problem(s)" in res.stderr, res.stderr
+    for needle in ["train.clm_weight", "corpus.path", "sources[0].path"]:
+        assert needle in res.stderr, res.stderr
+    path = make_config({"train.fusion": "maxCE", "corpus.path": "/nope.jsonl",
+                        "sources": [{"name": "s", "path": "/does/not/exist"}]}, name="c2.yaml")
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "validate", str(path)], capture_output=True, text=True)
+    assert res.returncode == 1 and "3 problem(s)" in res.stderr
+    for needle in ["train.fusion: unknown fusion function 'maxCE'", "corpus.path", "sources[0].path"]:
+        assert needle in res.stderr, res.stderr
+
+
+def test_zero_sources_and_duplicate_names(make_config):
+    problems = validate_config(make_config({"sources": []}))
+    assert any(p.startswith("sources:") for p in problems)
+    path = make_config({"sources": [{"name": "tgt", "path": "/x"}]})
+    assert any("unique" in p for p in validate_config(path))
+
+
+def test_unknown_field_is_reported_with_its_place(make_config):
+    path = make_config({"train.learnig_rate": 0.1})
+    assert any(p.startswith("train.learnig_rate") for p in validate_config(path))
+
+
+def test_load_config_raises_one_error_listing_all(make_config):
+    with pytest.raises(LmfuseError) as e:
+        load_config(make_config({"extract.top_k": 0, "train.clm_weight": 2}))
+    assert "2 problem(s)" in str(e.value)
+
+
+def test_not_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("a: [1, 2\n")
+    with pytest.raises(LmfuseError, match="not valid YAML"):
+        validate_config(p)
+    p.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(LmfuseError, match="mapping"):
+        validate_config(p)
+
+
+def test_help_lists_the_subcommands():
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "--help"], capture_output=True, text=True)
+    for cmd in ["validate", "prepare", "extract", "vocab-map", "align", "train", "eval", "report", "run", "demo",
+                "models"]:
+        assert cmd in res.stdout

@@ -1,0 +1,167 @@
+"""Evaluation: NLL and bits per byte against an independent computation; run_eval I/O and cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmfuse import evaluate
+from lmfuse.artifacts import ArtifactDir
+from lmfuse.config import FuseConfig
+from lmfuse.errors import LmfuseError
+from lmfuse.evaluate import block_nll, end_offsets, select_blocks, summarize
+from lmfuse.testing import make_tiny_model
+
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "emoji 🙂🚀 and 日本語のテキスト。",
+    "x",
+    "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {k: make_tiny_model(root / k, k) for k in ("bpe", "spm", "wordpiece")}
+
+
+def _manual(model_dir, text):
+    """Independent reference: one unbatched forward, log_softmax, gather; bytes from offsets."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = tok(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    lp = torch.log_softmax(logits.double(), -1)
+    nll = -sum(lp[i, ids[0, i + 1]].item() for i in range(ids.shape[1] - 1))
+    first_special = enc["special_tokens_mask"][0]
+    start = 0 if first_special else enc["offset_mapping"][0][1]
+    return nll, ids.shape[1] - 1, len(text[start:].encode())
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "wordpiece"])
+def test_block_nll_matches_manual(tiny, kind):
+    tok = AutoTokenizer.from_pretrained(tiny[kind])
+    model = AutoModelForCausalLM.from_pretrained(tiny[kind], dtype=torch.float32).eval()
+    rows = block_nll(model, tok, TEXTS, batch_size=2, device="cpu")  # batches mix lengths: padding matters
+    for text, (nll, n, nb) in zip(TEXTS, rows, strict=True):
+        ref_nll, ref_n, ref_b = _manual(tiny[kind], text)
+        assert n == ref_n
+        assert nb == ref_b
+        assert nll == pytest.approx(ref_nll, rel=1e-5, abs=1e-5)
+    s = summarize(rows, ["a"] * len(rows))
+    tot_nll = sum(r[0] for r in rows)
+    assert s["overall"]["bpb"] == pytest.approx(tot_nll / (math.log(2) * sum(r[2] for r in rows)))
+    assert s["overall"]["ppl"] == pytest.approx(math.exp(tot_nll / sum(r[1] for r in rows)))
+
+
+def test_bos_scores_whole_text(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["spm"])  # adds BOS: every byte is scored
+    model = AutoModelForCausalLM.from_pretrained(tiny["spm"]).eval()
+    (_, _, nb), = block_nll(model, tok, ["Hello wörld"], 1, "cpu")
+    assert nb == len("Hello wörld".encode())
+
+
+def test_batch_size_does_not_change_result(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["bpe"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["bpe"]).eval()
+    a = block_nll(model, tok, TEXTS, 1, "cpu")
+    b = block_nll(model, tok, TEXTS, 4, "cpu")
+    for x, y in zip(a, b, strict=True):
+        assert x[1:] == y[1:]
+        assert x[0] == pytest.approx(y[0], rel=1e-5)
+
+
+def test_end_offsets_specials():
+    assert end_offsets([(0, 0), (0, 5), (5, 9), (0, 0)], [1, 0, 0, 1]) == [0, 5, 9, 9]
+
+
+def test_summarize_pools_domains():
+    rows = [(2.0, 2, 4), (4.0, 4, 4), (1.0, 1, 2)]
+    s = summarize(rows, ["x", "x", "y"])
+    assert s["domains"]["x"]["bpb"] == pytest.approx(6.0 / (math.log(2) * 8))
+    assert s["domains"]["y"]["blocks"] == 1
+    assert s["overall"]["tokens"] == 7
+    assert s["overall"]["ppl"] == pytest.approx(math.e)
+
+
+def test_domain_without_validation_blocks_refused():
+    blocks = [{"domain": "code", "split": "validation", "text": "a"},
+              {"domain": "legal", "split": "train", "text": "b"}]
+    with pytest.raises(LmfuseError, match="legal") as e:
+        select_blocks(blocks, "validation")
+    assert "min_validation_blocks" in str(e.value)
+    assert len(select_blocks(blocks, "all")) == 2
+
+
+# -- run_eval ----------------------------------------------------------------------------------
+def _write_prepare(run, texts_domains):
+    art = ArtifactDir(run / "prepare", "prepare", "datahash1")
+    art.begin()
+    n = len(texts_domains)
+    art.write_shard(0, pa.table({
+        "block_id": pa.array(range(n), pa.int64()), "doc_id": pa.array(range(n), pa.int64()),
+        "domain": [d for _, d, _ in texts_domains], "split": [s for _, _, s in texts_domains],
+        "text": [t for t, _, _ in texts_domains]}))
+    art.finish(rows=n)
+
+
+def _cfg(tmp_path, tiny, **kw):
+    return FuseConfig.model_validate({
+        "output_dir": str(tmp_path / "run"),
+        "target": {"name": "tgt", "path": str(tiny["bpe"]), "dtype": "float32"},
+        "sources": [{"name": "src", "path": str(tiny["spm"]), "dtype": "float32"}],
+        "corpus": {"path": str(tmp_path / "corpus.jsonl")}, **kw})
+
+
+def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
+    cfg = _cfg(tmp_path, tiny)
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation"),
+                                 (TEXTS[4], "prose", "train"), (TEXTS[2], "code", "validation")])
+    doc = evaluate.run_eval(cfg, device="cpu")
+    assert list(doc["models"]) == ["tgt", "src"]
+    assert doc["domains"] == ["code", "prose"]
+    assert doc["blocks"] == 3
+    on_disk = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    assert on_disk["models"]["tgt"]["domains"]["code"]["bpb"] > 0
+    assert "| tgt |" in (cfg.run_dir / "eval" / "results.md").read_text()
+    # The same numbers as a direct computation on the validation texts.
+    tok = AutoTokenizer.from_pretrained(tiny["bpe"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["bpe"]).eval()
+    ref = summarize(block_nll(model, tok, [TEXTS[0], TEXTS[1], TEXTS[2]], 8, "cpu"), ["prose", "code", "code"])
+    assert doc["models"]["tgt"]["overall"]["bpb"] == pytest.approx(ref["overall"]["bpb"], rel=1e-6)
+
+    # A trained model appears: only it is evaluated; the others come from the cache.
+    make_tiny_model(cfg.run_dir / "train" / "clm", "bpe", seed=3)
+    assert [m.label for m in evaluate.default_models(cfg)] == ["tgt", "src"]  # no manifest: unfinished
+    (cfg.run_dir / "train" / "clm" / "manifest.json").write_text('{"stage": "train", "seconds": 1.0}')
+    calls = []
+    real = evaluate.block_nll
+    monkeypatch.setattr(evaluate, "block_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
+    doc2 = evaluate.run_eval(cfg, device="cpu")
+    assert list(doc2["models"]) == ["tgt", "src", "clm"]
+    assert len(calls) == 1
+    assert doc2["models"]["tgt"] == doc["models"]["tgt"]
+
+
+def test_run_eval_refuses_unloadable_model_first(tmp_path, tiny, monkeypatch):
+    cfg = _cfg(tmp_path, tiny)
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation")])
+    monkeypatch.setattr(evaluate, "block_nll", lambda *a, **k: pytest.fail("evaluated before checking"))
+    with pytest.raises(LmfuseError, match="cannot be loaded"):
+        evaluate.run_eval(cfg, models=[("ok", tiny["bpe"]), ("broken", tmp_path / "nope")], device="cpu")
+
+
+def test_run_eval_refuses_empty_domain(tmp_path, tiny):
+    cfg = _cfg(tmp_path, tiny)
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "train")])
+    with pytest.raises(LmfuseError, match="'code'.*validation_fraction|validation_fraction"):
+        evaluate.run_eval(cfg, device="cpu")

@@ -1,0 +1,279 @@
+"""End to end training on tiny models with synthetic prepare/extract/align artifacts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from lmfuse.artifacts import ArtifactDir
+from lmfuse.config import FuseConfig
+from lmfuse.errors import LmfuseError
+from lmfuse.fusion import FusionOptions
+from lmfuse.testing import TRAIN_TEXT, make_tiny_model
+from lmfuse.train import BlockData, FusedCollator, artifact, data_order, run_train
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    # Llama (no dropout), so runs are deterministic across processes.
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tgt", "spm")
+
+
+def _texts(n=12):
+    words = " ".join(TRAIN_TEXT).split()
+    return [" ".join(words[(i * 5 + j) % len(words)] for j in range(8 + i % 5)) for i in range(n)]
+
+
+def _topk(rng, gold, V, k, p_gold):
+    """[T, k] ids/logprobs: gold next token first (prob p_gold), then random others."""
+    T = len(gold)
+    ids = rng.integers(0, V, size=(T, k))
+    ids[:, 0] = np.where(gold >= 0, gold, ids[:, 0])
+    lp = np.log(np.sort(rng.uniform(0.005, 0.05, size=(T, k)))[:, ::-1])
+    lp[:, 0] = np.log(p_gold)
+    return ids.astype(np.int32), lp.astype(np.float16)
+
+
+def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, target_name="tgt"):
+    """prepare/, extract/<target>/ and align/<source>/ in the ARCHITECTURE.md column formats."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    V = len(tok)
+    rng = np.random.default_rng(seed)
+    texts = _texts(n_blocks)
+    prep = ArtifactDir(run / "prepare", "prepare", "p0")
+    prep.begin()
+    prep.write_shard(0, pa.table({
+        "block_id": pa.array(range(n_blocks), pa.int64()), "doc_id": pa.array(range(n_blocks), pa.int64()),
+        "domain": ["d"] * n_blocks, "split": ["validation" if i % 4 == 3 else "train" for i in range(n_blocks)],
+        "text": texts}))
+    prep.finish(rows=n_blocks)
+    enc = [tok(t, return_offsets_mapping=True) for t in texts]
+    ext = ArtifactDir(run / "extract" / target_name, "extract", "e-" + target_name, {"prepare": "p0"})
+    ext.begin()
+    cols = {k: [] for k in ("input_ids", "offset_start", "offset_end", "topk_ids", "topk_logprobs", "token_ce",
+                            "seq_ce", "nll_sum", "scored_bytes")}
+    for e, text in zip(enc, texts, strict=True):
+        ids = np.asarray(e["input_ids"])
+        gold = np.append(ids[1:], -1)
+        tid, tlp = _topk(rng, gold, V, K, 0.3)
+        ce = rng.uniform(1, 3, size=len(ids) - 1).astype(np.float32)
+        cols["input_ids"].append(ids.astype(np.int32))
+        cols["offset_start"].append(np.array([o[0] for o in e["offset_mapping"]], np.int32))
+        cols["offset_end"].append(np.array([o[1] for o in e["offset_mapping"]], np.int32))
+        cols["topk_ids"].append(tid.ravel())
+        cols["topk_logprobs"].append(tlp.ravel())
+        cols["token_ce"].append(ce)
+        cols["seq_ce"].append(float(ce.mean()))
+        cols["nll_sum"].append(float(ce.sum()))
+        cols["scored_bytes"].append(len(text.encode()))
+    types = {"input_ids": pa.list_(pa.int32()), "offset_start": pa.list_(pa.int32()),
+             "offset_end": pa.list_(pa.int32()), "topk_ids": pa.list_(pa.int32()),
+             "topk_logprobs": pa.list_(pa.float16()), "token_ce": pa.list_(pa.float32()),
+             "seq_ce": pa.float32(), "nll_sum": pa.float64(), "scored_bytes": pa.int64()}
+    ext.write_shard(0, pa.table({"block_id": pa.array(range(n_blocks), pa.int64()),
+                                 **{k: pa.array(v, types[k]) for k, v in cols.items()}}))
+    ext.finish(rows=n_blocks, k=K)
+    for s in range(n_sources):
+        al = ArtifactDir(run / "align" / f"src{s}", "align", f"a{s}",
+                         {f"extract/{target_name}": "e-" + target_name, f"extract/src{s}": f"e-src{s}"})
+        al.begin()
+        acol = {k: [] for k in ("aligned", "topk_ids", "topk_logprobs", "token_ce", "span_nll", "seq_ce",
+                                "nll_per_byte")}
+        for e in enc:
+            ids = np.asarray(e["input_ids"])
+            T = len(ids)
+            gold = np.append(ids[1:], -1)
+            aligned = rng.uniform(size=T) < 0.8
+            tid, tlp = _topk(rng, gold, V, K, 0.5 + 0.1 * s)
+            tid[~aligned] = -1
+            tlp[~aligned] = -np.inf
+            ce = np.where(aligned[:-1], rng.uniform(0.5, 2, size=T - 1), np.nan).astype(np.float32)
+            acol["aligned"].append(aligned.astype(np.uint8))
+            acol["topk_ids"].append(tid.ravel())
+            acol["topk_logprobs"].append(tlp.ravel())
+            acol["token_ce"].append(ce)
+            acol["span_nll"].append(rng.uniform(0.5, 3, size=T - 1).astype(np.float32))
+            acol["seq_ce"].append(float(np.nanmean(ce)))
+            acol["nll_per_byte"].append(float(rng.uniform(0.5, 1.5)))
+        atypes = {"aligned": pa.list_(pa.uint8()), "topk_ids": pa.list_(pa.int32()),
+                  "topk_logprobs": pa.list_(pa.float16()), "token_ce": pa.list_(pa.float32()),
+                  "span_nll": pa.list_(pa.float32()), "seq_ce": pa.float32(), "nll_per_byte": pa.float32()}
+        al.write_shard(0, pa.table({"block_id": pa.array(range(n_blocks), pa.int64()),
+                                    **{k: pa.array(v, atypes[k]) for k, v in acol.items()}}))
+        al.finish(rows=n_blocks, k=K)
+    return run
+
+
+def make_cfg(run, target_dir, n_sources=2, **train):
+    base = {"max_steps": 8, "batch_size": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0, "precision": "float32",
+            "clm_weight": 0.5}
+    base.update(train)
+    return FuseConfig.model_validate({
+        "output_dir": str(run), "corpus": {"path": str(run / "corpus.jsonl")},
+        "target": {"name": "tgt", "path": str(target_dir), "dtype": "float32"},
+        "sources": [{"name": f"src{s}", "path": str(target_dir)} for s in range(n_sources)],
+        "train": base})
+
+
+def _log(path):
+    return [json.loads(x) for x in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_data_order_is_deterministic_and_covers_epochs():
+    a, b = data_order(5, 12, 3), data_order(5, 12, 3)
+    assert (a == b).all() and sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))
+    assert not (data_order(5, 12, 4) == a).all()
+
+
+@pytest.mark.parametrize("level,quality", [("sequence", "nll_per_byte"), ("token", "ce_per_token"),
+                                           ("token", "nll_per_byte")])
+def test_collator_builds_normalised_sparse_targets(tmp_path, target_dir, level, quality):
+    run = write_synthetic_run(tmp_path / "run", target_dir, n_sources=3)
+    cfg = make_cfg(run, target_dir, n_sources=3, level=level, quality=quality)
+    data = BlockData(cfg, control=False)
+    coll = FusedCollator("avgCE", FusionOptions(), 0, 10_000)
+    batch = coll([data.block(b) for b in data.train_ids[:3]])
+    tid, tp, labels = batch["target_ids"], batch["target_probs"], batch["labels"]
+    assert tid.shape[:2] == labels.shape and tid.shape[2] <= 4 * (K + 1)
+    sums = tp.sum(-1)
+    has = labels != -100
+    assert torch.allclose(sums[has], torch.ones_like(sums[has]), atol=1e-5)
+    assert (tid[~has] == -1).all() or sums[~has].max() <= 1 + 1e-5
+
+
+def test_end_to_end_loss_decreases_and_model_loads(tmp_path, target_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, max_steps=12, eval_every=4, precision="bfloat16", logits_chunk_size=5,
+                   fusion="avgCE", level="token", gradient_checkpointing=True, tensorboard=True)
+    man = run_train(cfg)
+    out = run / "train" / "fused"
+    log = _log(out)
+    train = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval_loss" in r]
+    assert len(train) == 12 and [r["step"] for r in evals] == [4, 8, 12]
+    assert train[-1]["loss"] < train[0]["loss"] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(r["fusion"] > 0 for r in train)
+    assert man["metrics"]["steps"] == 12 and (out / "README.md").read_text().count("avgCE") >= 1
+    assert (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    gen = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > 1
+    # Complete: a second call skips.
+    assert run_train(cfg)["created"] == man["created"]
+
+
+def test_control_hash_ignores_fusion_options_and_inputs(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    a = make_cfg(run, target_dir)
+    b = make_cfg(run, target_dir, fusion="avgCE", clm_weight=0.1, temperature=2.0)
+    assert artifact(a, control=True).config_hash == artifact(b, control=True).config_hash
+    assert artifact(a).config_hash != artifact(b).config_hash
+    assert set(artifact(a).inputs) == {"extract/tgt", "align/src0", "align/src1"}
+    assert artifact(a).inputs["align/src0"] == "a0"
+    assert set(artifact(a, control=True).inputs) == {"extract/tgt"}
+    assert artifact(a, control=True).path.name == "clm"
+    c = make_cfg(run, target_dir, learning_rate=1e-4)
+    assert artifact(a, control=True).config_hash != artifact(c, control=True).config_hash
+
+
+def test_control_runs_without_sources_data(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir, n_sources=0)
+    cfg = make_cfg(run, target_dir, max_steps=3)
+    man = run_train(cfg, control=True)
+    log = _log(run / "train" / "clm")
+    assert man["control"] and all(r["fusion"] == 0 and r["clm_weight"] == 1.0 for r in log if "loss" in r)
+    with pytest.raises(LmfuseError, match="no complete align artifact"):
+        run_train(cfg)
+
+
+def test_bad_inputs_are_refused_before_training(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir)
+    with pytest.raises(LmfuseError, match="unknown fusion function"):
+        run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fusion": "maxCE"})}))
+    with pytest.raises(LmfuseError, match=r"λ must lie in \[0, 1\]"):
+        run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"clm_weight": 1.5})}))
+    with pytest.raises(LmfuseError, match="at least one source"):
+        run_train(cfg.model_copy(update={"sources": []}))
+    # Aligned data made from another target extraction.
+    other = write_synthetic_run(tmp_path / "other", target_dir, target_name="tgt")
+    man = json.loads((other / "align" / "src0" / "manifest.json").read_text())
+    man["inputs"]["extract/tgt"] = "somethingelse"
+    (other / "align" / "src0" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(LmfuseError, match="another target"):
+        run_train(make_cfg(other, target_dir))
+    assert not (other / "train" / "fused").exists()
+
+
+def _script(tmp_path, run, target_dir, **train):
+    cfg = make_cfg(run, target_dir, **train)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    script = tmp_path / "train_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from lmfuse.config import FuseConfig
+        from lmfuse.train import run_train
+        cfg = FuseConfig.model_validate(json.load(open({str(tmp_path / "cfg.json")!r})))
+        run_train(cfg)
+    """))
+    return script
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, target_dir):
+    ref_run = write_synthetic_run(tmp_path / "ref", target_dir)
+    run_train(make_cfg(ref_run, target_dir, save_every=3, max_steps=7, grad_accum=2))
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    script = _script(tmp_path, run, target_dir, save_every=3, max_steps=7, grad_accum=2)
+    env = {**os.environ, "LMFUSE_TRAIN_CRASH_AFTER_CHECKPOINT": "6"}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
+    out = run / "train" / "fused"
+    assert (out / "checkpoints" / "step-00000006").exists() and not (out / "manifest.json").exists()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from step-00000006" in res.stdout
+    a, b = _weights(ref_run / "train" / "fused"), _weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    la, lb = _log(ref_run / "train" / "fused"), _log(out)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r.get("loss") for r in la] == pytest.approx([r.get("loss") for r in lb], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, target_dir):
+    run1 = write_synthetic_run(tmp_path / "one", target_dir)
+    run_train(make_cfg(run1, target_dir, batch_size=2, max_steps=4))
+    run2 = write_synthetic_run(tmp_path / "two", target_dir)
+    script = _script(tmp_path, run2, target_dir, batch_size=1, max_steps=4)
+    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (simple launcher); two CPU
+    # processes need the torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU set.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    l1 = [r for r in _log(run1 / "train" / "fused") if "loss" in r]
+    l2 = [r for r in _log(run2 / "train" / "fused") if "loss" in r]
+    for key in ("loss", "clm", "fusion"):
+        assert [r[key] for r in l1] == pytest.approx([r[key] for r in l2], abs=1e-5)
+    assert json.loads((run2 / "train" / "fused" / "manifest.json").read_text())["metrics"]["world_size"] == 2
