@@ -106,3 +106,15 @@ def test_cached_per_vocabulary(toks):
     a = token_table(toks["bpe"])
     assert token_table(build_tokenizer("bpe")) is a
     assert token_table(toks["spm"]).fingerprint != a.fingerprint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_tokenizers_concatenate_to_the_text(name):
+    from transformers import AutoTokenizer
+
+    from lmfuse.models import pull
+
+    tok = AutoTokenizer.from_pretrained(str(pull(name)))
+    for text in TEXTS:
+        assert _concat(tok, text) == text.encode()

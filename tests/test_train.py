@@ -85,7 +85,7 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
     ext.finish(rows=n_blocks, k=K)
     for s in range(n_sources):
         al = ArtifactDir(run / "align" / f"src{s}", "align", f"a{s}",
-                         {f"extract/{target_name}": "e-" + target_name, f"extract/src{s}": f"e-src{s}"})
+                         {"extract_target": "e-" + target_name, "extract_source": f"e-src{s}", "vocab_map": "v"})
         al.begin()
         acol = {k: [] for k in ("aligned", "topk_ids", "topk_logprobs", "token_ce", "span_nll", "seq_ce",
                                 "nll_per_byte")}
@@ -211,7 +211,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, target_dir):
     # Aligned data made from another target extraction.
     other = write_synthetic_run(tmp_path / "other", target_dir, target_name="tgt")
     man = json.loads((other / "align" / "src0" / "manifest.json").read_text())
-    man["inputs"]["extract/tgt"] = "somethingelse"
+    man["inputs"]["extract_target"] = "somethingelse"
     (other / "align" / "src0" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(LmfuseError, match="another target"):
         run_train(make_cfg(other, target_dir))

@@ -147,7 +147,11 @@ class BlockData:
         if named is not None and named != self.cfg.target.name:
             raise LmfuseError(f"aligned data was made for target {named!r}, not {self.cfg.target.name!r}",
                               where=str(path), fix=fix)
-        ext_inputs = {k: v for k, v in inputs.items() if k.startswith("extract/")}
+        # align.py names its target input `extract_target`; `extract/<name>` is also accepted.
+        if "extract_target" in inputs:
+            ext_inputs = {"extract_target": inputs["extract_target"]}
+        else:
+            ext_inputs = {k: v for k, v in inputs.items() if k.startswith("extract/")}
         if ext_inputs and tgt_hash not in ext_inputs.values():
             raise LmfuseError("aligned data was made from another target extraction (another target model or "
                               f"tokenizer): its inputs {ext_inputs}, the target extraction's hash {tgt_hash}",
