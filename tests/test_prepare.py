@@ -125,3 +125,27 @@ def test_output_dir_from_a_different_config_is_refused(make_config):
     # Nothing was touched.
     assert sorted(p.name for p in (cfg.run_dir / "prepare" / "shards").iterdir()) == before
     assert run_prepare(other, overwrite=True, log=lambda *a: None)["block_size"] == 40
+
+
+def test_single_document_domain_is_split_inside_the_document(make_config, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "book.txt").write_text("A sentence of the book, with words.\n" * 40)
+    cfg = load_config(make_config({"corpus.path": str(tmp_path / "one")}))
+    manifest = run_prepare(cfg, log=lambda *a: None)
+    assert manifest["blocks_per_domain"]["book"]["validation"] >= 1
+    from lmfuse.prepare import load_blocks
+
+    splits = load_blocks(cfg)["split"]
+    assert splits[-1] == "validation" and splits[0] == "train"
+
+
+def test_domain_without_validation_blocks_is_refused_before_any_work(make_config, tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"domain": "big", "text": "Long text here. " * 60}) + "\n"
+                 + json.dumps({"domain": "big", "text": "More text there. " * 60}) + "\n"
+                 + json.dumps({"domain": "tiny", "text": "Just one short block of text."}) + "\n")
+    cfg = load_config(make_config({"corpus.path": str(p)}))
+    with pytest.raises(LmfuseError, match="tiny") as e:
+        run_prepare(cfg, log=lambda *a: None)
+    assert "min_validation_blocks" in str(e.value)
+    assert not (cfg.run_dir / "prepare" / "manifest.json").exists()

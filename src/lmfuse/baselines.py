@@ -405,3 +405,24 @@ def build_merges(cfg, overwrite: bool = False) -> list[Path]:
         stamp_file.write_text(json.dumps(stamp, sort_keys=True))
         outs.append(out)
     return outs
+
+
+def preflight(cfg) -> None:
+    """Check every configured baseline before any stage runs (not hours later, at eval).
+
+    `fused` and `clm` do not exist yet; they share the target's tokenizer and architecture, so
+    the target stands in for them here.
+    """
+    from lmfuse.models import resolve_model
+
+    def spec(name: str, where: str):
+        return cfg.target if name in ("fused", "clm") else resolve_name(cfg, name, where)
+
+    for i, group in enumerate(cfg.baselines.ensemble):
+        check_same_tokenizer([spec(n, f"baselines.ensemble[{i}]") for n in group], "ensemble")
+    for i, entry in enumerate(cfg.baselines.merge):
+        where = f"baselines.merge[{i}]"
+        names = list(entry["models"]) + ([entry["base"]] if entry.get("base") else [])
+        specs = [spec(n, where) for n in names]
+        check_same_tokenizer(specs, "merge")
+        check_same_shapes([_shapes(_weight_index(Path(resolve_model(s)))) for s in specs], names)

@@ -56,9 +56,11 @@ def run_pipeline(cfg, overwrite: bool = False, log: Callable = print, report: bo
         log: Where progress lines go.
         report: Evaluate and write the report at the end.
     """
+    from lmfuse.baselines import preflight
     from lmfuse.evaluate import run_eval
     from lmfuse.report import write_report
 
+    preflight(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())

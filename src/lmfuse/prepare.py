@@ -259,13 +259,19 @@ def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
     domains = [d["domain"] for d in docs]
     is_val = split_train_validation(domains, [len(b) for b in per_doc], pc.validation_fraction,
                                     pc.min_validation_blocks, pc.seed)
+    # A domain made of one document is split inside it: its last blocks go to validation.
+    n_docs = {d: domains.count(d) for d in set(domains)}
     rows = {"block_id": [], "doc_id": [], "domain": [], "split": [], "text": []}
     for doc_id, blocks in enumerate(per_doc):
-        for b in blocks:
+        n_val = 0
+        if n_docs[domains[doc_id]] == 1 and len(blocks) > 1:
+            n_val = min(max(pc.min_validation_blocks, round(pc.validation_fraction * len(blocks))), len(blocks) - 1)
+        for j, b in enumerate(blocks):
+            val = is_val[doc_id] or j >= len(blocks) - n_val
             rows["block_id"].append(len(rows["block_id"]))
             rows["doc_id"].append(doc_id)
             rows["domain"].append(domains[doc_id])
-            rows["split"].append("validation" if is_val[doc_id] else "train")
+            rows["split"].append("validation" if val else "train")
             rows["text"].append(b)
     schema = pa.schema([("block_id", pa.int64()), ("doc_id", pa.int64()), ("domain", pa.string()),
                         ("split", pa.string()), ("text", pa.string())])
@@ -294,11 +300,18 @@ def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
     if table.num_rows == 0:
         raise LmfuseError("the corpus gave no blocks (every block was shorter than prepare.min_block_chars)",
                           where=cfg.corpus.path, fix="lower prepare.min_block_chars or add text")
-    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_SHARD)):
-        art.write_shard(i, table.slice(start, ROWS_PER_SHARD))
     stats: dict[str, dict[str, int]] = {}
     for dom, split in zip(table["domain"].to_pylist(), table["split"].to_pylist()):
         stats.setdefault(dom, {"train": 0, "validation": 0})[split] += 1
+    short = [d for d, s in sorted(stats.items()) if s["validation"] < cfg.prepare.min_validation_blocks]
+    if short:
+        raise LmfuseError(
+            f"domain(s) {', '.join(short)} would have fewer than {cfg.prepare.min_validation_blocks} validation "
+            f"block(s) ({', '.join(f'{d}: {stats[d]}' for d in short)}), so they could not be evaluated",
+            where=str(cfg.corpus.path),
+            fix="add text to those domains, lower prepare.block_size, or set prepare.min_validation_blocks: 0")
+    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_SHARD)):
+        art.write_shard(i, table.slice(start, ROWS_PER_SHARD))
     manifest = art.finish(n_blocks=table.num_rows, n_docs=len(docs), blocks_per_domain=stats,
                           block_size=cfg.prepare.block_size, corpus=str(cfg.corpus.path))
     log(f"prepare: {table.num_rows} blocks from {len(docs)} documents -> {art.path}")

@@ -1,0 +1,76 @@
+import json
+
+from lmfuse.config import load_config
+from lmfuse.pipeline import run_pipeline
+
+
+def _run(cfg):
+    lines: list[str] = []
+    outcome = run_pipeline(cfg, log=lines.append)
+    return outcome, "\n".join(lines)
+
+
+def test_run_skips_what_is_done_and_reruns_only_what_a_change_touches(make_config):
+    cfg_path = make_config({"train.max_steps": 2})
+    cfg = load_config(cfg_path)
+    first, _ = _run(cfg)
+    assert set(first.values()) == {"ran"}
+    assert list(first) == ["prepare", "extract/tgt", "extract/src_spm", "extract/src_wp", "vocab_map/src_spm",
+                           "vocab_map/src_wp", "align/src_spm", "align/src_wp", "train/fused", "train/clm"]
+    results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    assert {"tgt", "src_spm", "src_wp", "fused", "clm"} <= set(results["models"])
+    assert (cfg.run_dir / "report" / "report.md").exists()
+    fused_weights = (cfg.run_dir / "train" / "fused" / "model.safetensors").read_bytes()
+
+    # A completed run: nothing runs again, and each skip is said.
+    again, log = _run(cfg)
+    assert set(again.values()) == {"skipped"}
+    assert log.count("[skip]") == len(again)
+    assert (cfg.run_dir / "train" / "fused" / "model.safetensors").read_bytes() == fused_weights
+
+    # A fusion option changes: only the fused training (and eval/report after it) runs again.
+    changed = load_config(make_config({"train.max_steps": 2, "train.fusion": "avgCE"}, name="avg.yaml"))
+    third, log = _run(changed)
+    assert third.pop("train/fused") == "re-ran"
+    assert set(third.values()) == {"skipped"}, third
+    assert "train/fused: its config or inputs changed" in log
+    assert (cfg.run_dir / "train" / "fused" / "model.safetensors").read_bytes() != fused_weights
+
+    # The alignment method changes: align and the fused training run again, not extraction or the control.
+    dtw = load_config(make_config({"train.max_steps": 2, "train.fusion": "avgCE", "align.method": "dtw"},
+                                  name="dtw.yaml"))
+    fourth, _ = _run(dtw)
+    assert {k for k, v in fourth.items() if v != "skipped"} == {"align/src_spm", "align/src_wp", "train/fused"}
+
+
+def test_interrupted_stage_is_resumed(make_config):
+    cfg = load_config(make_config({"train.max_steps": 1, "train.control": False}))
+    from lmfuse.extract import run_extract
+    from lmfuse.prepare import run_prepare
+
+    run_prepare(cfg, log=lambda *a: None)
+    run_extract(cfg, "tgt", progress=False, log=lambda *a: None)
+    art = cfg.run_dir / "extract" / "tgt"
+    (art / "manifest.json").unlink()
+    for p in sorted((art / "shards").glob("*.arrow"))[1:]:
+        p.unlink()
+    outcome, log = _run(cfg)
+    assert outcome["extract/tgt"] == "resumed" and outcome["prepare"] == "skipped"
+    assert "[resume] extract/tgt" in log
+    assert "train/clm" not in outcome
+
+
+def test_baselines_of_models_that_cannot_be_combined_are_refused_before_any_work(make_config):
+    import pytest
+
+    from lmfuse.errors import LmfuseError
+
+    cfg = load_config(make_config({"baselines.ensemble": [["tgt", "src_spm"]]}))
+    with pytest.raises(LmfuseError, match="cannot ensemble tgt, src_spm") as e:
+        run_pipeline(cfg, log=lambda *a: None)
+    assert "share a tokenizer" in str(e.value)
+    assert not (cfg.run_dir / "prepare").exists()
+    cfg = load_config(make_config({"baselines.merge": [{"models": ["tgt", "src_wp"]}]}, name="m.yaml"))
+    with pytest.raises(LmfuseError, match="cannot merge"):
+        run_pipeline(cfg, log=lambda *a: None)
+    assert not (cfg.run_dir / "prepare").exists()
