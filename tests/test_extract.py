@@ -132,11 +132,14 @@ def test_two_process_accelerate_run_writes_the_same_artifact(make_config):
     one = shard_bytes(cfg.run_dir / "extract" / "tgt")
     shutil.rmtree(cfg.run_dir / "extract" / "tgt")
     lmfuse_bin = shutil.which("lmfuse")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate 1.x starts one process for `--cpu`; two CPU processes need its torchrun launcher.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", lmfuse_bin, "extract",
            str(cfg_path), "-m", "tgt"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "[rank 0/2]" in res.stderr and "[rank 1/2]" in res.stderr  # really two processes
     assert read_manifest(cfg.run_dir / "extract" / "tgt") is not None
     assert shard_bytes(cfg.run_dir / "extract" / "tgt") == one
 

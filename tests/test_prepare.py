@@ -43,16 +43,25 @@ def test_block_size_smaller_than_one_token(tokenizers):
 
 
 def test_split_is_by_document_per_domain_and_deterministic():
-    domains = ["a"] * 10 + ["b"] * 3
-    blocks = [2] * 13
+    domains = ["a"] * 10 + ["b"] * 3 + ["c"]
+    blocks = [2] * 13 + [5]
     v1 = split_train_validation(domains, blocks, 0.2, 1, seed=0)
     v2 = split_train_validation(domains, blocks, 0.2, 1, seed=0)
-    assert (v1 == v2).all()
-    assert v1[:10].sum() == 2 and v1[10:].sum() == 1  # 20% of 20 blocks = 4 blocks = 2 docs; b: at least 1
+    assert all((x == y).all() for x, y in zip(v1, v2))
+    whole = [bool(f.all()) for f in v1[:10]]
+    assert sum(whole) == 2 and all(f.all() or not f.any() for f in v1[:10])  # 20% of 20 blocks = 2 whole docs
+    # b: 6 blocks want 1: no whole document fits, so one document gives its last block.
+    assert sum(int(f.sum()) for f in v1[10:13]) == 1
+    assert any(f.tolist() == [False, True] for f in v1[10:13])
+    # c: one document of 5 blocks is split inside: its last block goes to validation.
+    assert v1[13].tolist() == [False, False, False, False, True]
     v3 = split_train_validation(domains, blocks, 0.2, 1, seed=1)
-    assert (v1 != v3).any()
-    # A domain with one document never gives it all to validation.
-    assert not split_train_validation(["a"], [5], 0.5, 1, seed=0).any()
+    assert any((x != y).any() for x, y in zip(v1, v3))
+    # A domain of one block stays in training (prepare then refuses it, see below).
+    assert not split_train_validation(["a"], [1], 0.5, 1, seed=0)[0].any()
+    # Empty documents (every block dropped) do not count.
+    v = split_train_validation(["a", "a"], [0, 4], 0.5, 1, seed=0)
+    assert v[1].tolist() == [False, False, True, True]
 
 
 def test_prepare_end_to_end(make_config):

@@ -218,14 +218,21 @@ def test_bad_inputs_are_refused_before_training(tmp_path, target_dir):
     assert not (other / "train" / "fused").exists()
 
 
-def _script(tmp_path, run, target_dir, **train):
+def _script(tmp_path, run, target_dir, crash_after_checkpoint=None, **train):
     cfg = make_cfg(run, target_dir, **train)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     script = tmp_path / "train_script.py"
     script.write_text(textwrap.dedent(f"""
-        import json, sys
+        import json, os, signal, sys
+        import lmfuse.train
         from lmfuse.config import FuseConfig
         from lmfuse.train import run_train
+        save = lmfuse.train._save_checkpoint
+        def save_then_die(acc, path, step, extra):
+            save(acc, path, step, extra)
+            if step == {crash_after_checkpoint!r}:
+                os.kill(os.getpid(), signal.SIGKILL)  # a real SIGKILL, right after the checkpoint
+        lmfuse.train._save_checkpoint = save_then_die
         cfg = FuseConfig.model_validate(json.load(open({str(tmp_path / "cfg.json")!r})))
         run_train(cfg)
     """))
@@ -242,12 +249,12 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, ta
     ref_run = write_synthetic_run(tmp_path / "ref", target_dir)
     run_train(make_cfg(ref_run, target_dir, save_every=3, max_steps=7, grad_accum=2))
     run = write_synthetic_run(tmp_path / "run", target_dir)
-    script = _script(tmp_path, run, target_dir, save_every=3, max_steps=7, grad_accum=2)
-    env = {**os.environ, "LMFUSE_TRAIN_CRASH_AFTER_CHECKPOINT": "6"}
-    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    script = _script(tmp_path, run, target_dir, crash_after_checkpoint=6, save_every=3, max_steps=7, grad_accum=2)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert res.returncode == -9, res.stderr[-2000:]
     out = run / "train" / "fused"
     assert (out / "checkpoints" / "step-00000006").exists() and not (out / "manifest.json").exists()
+    _script(tmp_path, run, target_dir, save_every=3, max_steps=7, grad_accum=2)  # same script, no crash
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from step-00000006" in res.stdout

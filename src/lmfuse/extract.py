@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from lmfuse.artifacts import ArtifactDir, hash_obj, load_arrow_dataset, read_manifest
 from lmfuse.errors import LmfuseError
-from lmfuse.parallel import barrier, device, is_main, my_shards
+from lmfuse.parallel import barrier, device, is_main, my_shards, rank_world
 
 SCHEMA = pa.schema([
     ("block_id", pa.int64()),
@@ -177,7 +177,7 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
             raise LmfuseError(f"top_k {k} exceeds the vocabulary size {len(tok)}", where="extract.top_k",
                               fix=f"set extract.top_k to at most {len(tok)}")
         bar = tqdm(total=sum(min(S, len(blocks) - i * S) for i in todo), unit="block", disable=not progress,
-                   desc=f"extract {model_name}")
+                   desc=f"extract {model_name}" + (" [rank {}/{}]".format(*rank_world()) if rank_world()[1] > 1 else ""))
         for i in todo:
             rows = blocks[i * S: (i + 1) * S]
 

@@ -10,9 +10,12 @@ import os
 
 
 def _state():
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without `cpu=True` accelerate ignores a multi-process CPU launch (each rank thinks it is alone).
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def rank_world() -> tuple[int, int]:

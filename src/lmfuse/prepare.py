@@ -201,26 +201,31 @@ def _shrink(text: str, tokenizers: list, budget: int, n_special: int) -> list[st
 
 
 def split_train_validation(doc_domains: list[str], doc_blocks: list[int], fraction: float, min_blocks: int,
-                           seed: int) -> np.ndarray:
-    """Per document: True if it goes to validation. Deterministic in `seed`.
+                           seed: int) -> list[np.ndarray]:
+    """Per document, per block: True if the block goes to validation. Deterministic in `seed`.
 
-    Within each domain, documents are ordered by a seeded hash and taken into validation until
-    the domain's validation blocks reach `fraction` (and at least `min_blocks`), never taking
-    every document of a domain that has more than one.
+    Within each domain, whole documents are taken into validation in a seeded-hash order while
+    they fit the domain's quota (`fraction` of its blocks, at least `min_blocks`, always leaving
+    one training block); if whole documents cannot fill it, the last blocks of one more
+    document make up the rest. Whole documents keep related text out of training.
     """
-    is_val = np.zeros(len(doc_domains), dtype=bool)
+    flags = [np.zeros(n, dtype=bool) for n in doc_blocks]
     for domain in sorted(set(doc_domains)):
-        idx = [i for i, d in enumerate(doc_domains) if d == domain]
+        idx = [i for i, d in enumerate(doc_domains) if d == domain and doc_blocks[i] > 0]
         total = sum(doc_blocks[i] for i in idx)
-        want = max(min_blocks, round(fraction * total))
+        want = min(max(min_blocks, round(fraction * total)), total - 1)
+        if want <= 0:
+            continue
         order = sorted(idx, key=lambda i: hash_obj([seed, domain, i]))
         got = 0
-        for i in order[:-1] if len(order) > 1 else []:
-            if got >= want:
-                break
-            is_val[i] = True
-            got += doc_blocks[i]
-    return is_val
+        for i in order:
+            if got + doc_blocks[i] <= want:
+                flags[i][:] = True
+                got += doc_blocks[i]
+        if got < want:
+            i = next(i for i in order if not flags[i].any())
+            flags[i][doc_blocks[i] - (want - got):] = True
+    return flags
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -259,15 +264,10 @@ def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
     domains = [d["domain"] for d in docs]
     is_val = split_train_validation(domains, [len(b) for b in per_doc], pc.validation_fraction,
                                     pc.min_validation_blocks, pc.seed)
-    # A domain made of one document is split inside it: its last blocks go to validation.
-    n_docs = {d: domains.count(d) for d in set(domains)}
     rows = {"block_id": [], "doc_id": [], "domain": [], "split": [], "text": []}
     for doc_id, blocks in enumerate(per_doc):
-        n_val = 0
-        if n_docs[domains[doc_id]] == 1 and len(blocks) > 1:
-            n_val = min(max(pc.min_validation_blocks, round(pc.validation_fraction * len(blocks))), len(blocks) - 1)
         for j, b in enumerate(blocks):
-            val = is_val[doc_id] or j >= len(blocks) - n_val
+            val = bool(is_val[doc_id][j])
             rows["block_id"].append(len(rows["block_id"]))
             rows["doc_id"].append(doc_id)
             rows["domain"].append(domains[doc_id])

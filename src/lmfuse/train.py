@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -367,9 +366,6 @@ def _save_checkpoint(acc, path: Path, step: int, extra: dict) -> None:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
-    if os.environ.get("LMFUSE_TRAIN_CRASH_AFTER_CHECKPOINT") == str(step):
-        # Test hook: die like a killed job right after this checkpoint.
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _global_tokens(data: BlockData, blocks: list[int], lengths: dict[int, int]) -> int:
