@@ -33,7 +33,7 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
 def test_topk_from_logits_hand_built():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.0, 0.1, 3.0], [1.0, 2.0, 3.0, 4.0]])
     ids = torch.tensor([0, 3, 1])
-    top_ids, top_lp, ce = topk_from_logits(logits, ids, 2)
+    top_ids, top_lp, ce, _ = topk_from_logits(logits, ids, 2)
     lsm = torch.log_softmax(logits, -1)
     assert top_ids.tolist() == [[0, 1], [3, 0], [3, 2]]
     assert torch.allclose(top_lp, lsm.gather(-1, top_ids.long()))
