@@ -37,6 +37,7 @@ from lmfuse.models import load_tokenizer, tokenizer_fingerprint
 from lmfuse.testing import build_tokenizer, make_tiny_model, write_tiny_corpus
 from lmfuse.tokentext import token_table
 from lmfuse.vocabmap import run_vocab_map
+from naive import naive_dtw  # noqa: E402
 
 TEXTS = [
     "Hello world",
@@ -46,44 +47,6 @@ TEXTS = [
     "emoji 🙂🚀 mixed🙂text",
     "日本語のテキスト。 中文",
 ]
-
-
-# -- naive references -----------------------------------------------------------------------------
-def lev(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def naive_dtw(tgt: list[str], src: list[str]) -> np.ndarray:
-    """The paper's reference DTW (series 1 = source, series 2 = target), as a Python double loop."""
-    S, T = len(src), len(tgt)
-    M = np.full((S + 1, T + 1), np.inf)
-    M[0, 0] = 0
-    for i in range(S):
-        for j in range(T):
-            M[i + 1, j + 1] = lev(src[i], tgt[j]) + min(M[i, j + 1], M[i + 1, j], M[i, j])
-    M = M[1:, 1:]
-    i, j = S - 1, T - 1
-    maps: list[list[int]] = [[] for _ in range(T)]
-    while i > 0 or j > 0:
-        maps[j].append(i)
-        diag = M[i - 1, j - 1] if i > 0 and j > 0 else np.inf
-        up = M[i - 1, j] if i > 0 else np.inf
-        left = M[i, j - 1] if j > 0 else np.inf
-        move = int(np.argmin([diag, up, left]))
-        if move == 0:
-            i, j = i - 1, j - 1
-        elif move == 1:
-            i -= 1
-        else:
-            j -= 1
-    maps[0].append(0)
-    return np.array([m[0] if len(m) == 1 else -1 for m in maps])
 
 
 tokens = st.lists(st.text("ab ", max_size=3), min_size=1, max_size=14)

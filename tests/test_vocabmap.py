@@ -24,24 +24,7 @@ from lmfuse.vocabmap import (
     min_edit_distance,
     run_vocab_map,
 )
-
-
-def lev(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def brute_min_ed(queries, choices):
-    """The documented rule, written out: min (distance, |length difference|, position)."""
-    out = []
-    for q in queries:
-        out.append(min(range(len(choices)), key=lambda c: (lev(q, choices[c]), abs(len(q) - len(choices[c])), c)))
-    return np.array(out)
+from naive import brute_min_ed, lev
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
 from lmfuse.errors import LmfuseError
+from lmfuse.extract import list_array
 from lmfuse.registry import Registry
 
 try:
@@ -439,14 +440,6 @@ def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
     return ArtifactDir(cfg.run_dir / "align" / source_name, "align", h, inputs, overwrite)
 
 
-def _list_array(rows: list[np.ndarray], typ) -> pa.Array:
-    lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(rows) if rows else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
-
-
 def _check_block(bid: int, text: str, blk: dict, name: str) -> None:
     """Refuse an extraction that was not made from this block text."""
     ends = np.asarray(blk["offset_end"], dtype=np.int64)
@@ -509,11 +502,11 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
             d[1] += n_al
     table = pa.table({
         "block_id": pa.array(cols["block_id"], pa.int64()),
-        "aligned": _list_array(cols["aligned"], pa.uint8()),
-        "topk_ids": _list_array(cols["topk_ids"], pa.int32()),
-        "topk_logprobs": _list_array(cols["topk_logprobs"], pa.float16()),
-        "token_ce": _list_array(cols["token_ce"], pa.float32()),
-        "span_nll": _list_array(cols["span_nll"], pa.float32()),
+        "aligned": list_array(cols["aligned"], pa.uint8()),
+        "topk_ids": list_array(cols["topk_ids"], pa.int32()),
+        "topk_logprobs": list_array(cols["topk_logprobs"], pa.float16()),
+        "token_ce": list_array(cols["token_ce"], pa.float32()),
+        "span_nll": list_array(cols["span_nll"], pa.float32()),
         "seq_ce": pa.array(cols["seq_ce"], pa.float32()),
         "nll_per_byte": pa.array(cols["nll_per_byte"], pa.float32()),
     }, schema=SCHEMA)

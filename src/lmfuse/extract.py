@@ -104,7 +104,7 @@ def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
                        {"prepare": prepare.artifact(cfg).config_hash}, overwrite)
 
 
-def _list_array(rows: list[np.ndarray], typ) -> pa.Array:
+def list_array(rows: list[np.ndarray], typ) -> pa.Array:
     lengths = np.array([len(r) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     values = np.concatenate(rows) if rows else np.zeros(0)
@@ -152,12 +152,12 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], k: int, ba
     rows = range(len(texts))
     cols = {
         "block_id": pa.array(block_ids, pa.int64()),
-        "input_ids": _list_array([np.asarray(encs[i]["input_ids"], np.int32) for i in rows], pa.int32()),
-        "offset_start": _list_array([np.asarray(encs[i]["offset_start"], np.int32) for i in rows], pa.int32()),
-        "offset_end": _list_array([np.asarray(encs[i]["offset_end"], np.int32) for i in rows], pa.int32()),
-        "topk_ids": _list_array([results[i]["topk_ids"] for i in rows], pa.int32()),
-        "topk_logprobs": _list_array([results[i]["topk_logprobs"] for i in rows], pa.float16()),
-        "token_ce": _list_array([results[i]["token_ce"] for i in rows], pa.float32()),
+        "input_ids": list_array([np.asarray(encs[i]["input_ids"], np.int32) for i in rows], pa.int32()),
+        "offset_start": list_array([np.asarray(encs[i]["offset_start"], np.int32) for i in rows], pa.int32()),
+        "offset_end": list_array([np.asarray(encs[i]["offset_end"], np.int32) for i in rows], pa.int32()),
+        "topk_ids": list_array([results[i]["topk_ids"] for i in rows], pa.int32()),
+        "topk_logprobs": list_array([results[i]["topk_logprobs"] for i in rows], pa.float16()),
+        "token_ce": list_array([results[i]["token_ce"] for i in rows], pa.float32()),
         "seq_ce": pa.array([results[i]["token_ce"].mean() if len(results[i]["token_ce"]) else 0.0 for i in rows],
                            pa.float32()),
         "nll_sum": pa.array([results[i]["nll_sum"] for i in rows], pa.float64()),
