@@ -205,10 +205,10 @@ def plot_losses(logs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> Pa
             # The LM (CLM) part of the fused loss is what the control optimises: compare those.
             key = "clm" if all(_num(r.get("clm")) for r in train) else "loss"
             y = [r[key] for r in train]
-            w = max(1, len(y) // 25)
+            w = max(1, len(y) // 10)
             if w > 1:
                 ax_tr.plot(steps, y, color=color, alpha=0.25, lw=0.8)
-            ax_tr.plot(steps, _smooth(y, w), color=color, lw=1.8,
+            ax_tr.plot(steps, _smooth(y, w), color=color, lw=1.8, marker="o" if len(y) == 1 else None,
                        label=f"{name}: {'LM part of the loss' if key == 'clm' else 'loss'}"
                              + (f" (mean of {w} steps)" if w > 1 else ""))
             if key == "clm" and all(_num(r.get("fusion")) for r in train) and any(r["fusion"] for r in train):

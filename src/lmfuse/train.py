@@ -404,7 +404,8 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
     model = load_model(cfg.target, dtype="float32")  # fp32 master weights; autocast does bf16
     model.train()
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it; keep working with 4.x too.
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     vocab = model.get_output_embeddings().weight.shape[0]
     lengths = {b: int(data.tgt_len[data.tgt_rows[b]]) for b in data.train_ids}
