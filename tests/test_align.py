@@ -272,6 +272,7 @@ def test_run_align_end_to_end(tmp_path, model_dirs, method):
     logs = []
     m = run_align(cfg, "src", log=logs.append)
     assert 0.1 < m["aligned_fraction"] <= 1 and 0 < m["mapped_mass_fraction"] <= 1.0001
+    assert 0 < m["exact_mass_fraction"] <= m["mapped_mass_fraction"] + 1e-9
     assert set(m["aligned_fraction_per_domain"]) == {"code", "legal", "prose"}
     assert any("aligned" in line for line in logs)
     art = artifact(cfg, "src")

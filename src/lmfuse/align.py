@@ -389,7 +389,7 @@ METHODS_NEEDING_TEXTS = {"dtw"}
 
 def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: np.ndarray,
                 src_topk_logprobs: np.ndarray, src_token_ce: np.ndarray, vocab_map: np.ndarray,
-                ctx: AlignContext) -> dict:
+                ctx: AlignContext, exact: np.ndarray | None = None) -> dict:
     """Align one block: everything `align/<source>` stores for it except block-level scalars.
 
     Args:
@@ -401,18 +401,21 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
         src_token_ce: float32 [S-1].
         vocab_map: int32 [V_src].
         ctx: Method context.
+        exact: bool [V_src], source ids whose mapping is exact (same text); for diagnostics.
 
     Returns:
         dict with `src_index` int64 [T], `aligned` uint8 [T], `topk_ids` int32 [T, k],
         `topk_logprobs` float16 [T, k], `token_ce` float32 [T-1], `span_nll` float32 [T-1],
-        and `mass_source`, `mass_mapped` (summed probability at aligned positions, before and
-        after mapping).
+        and `mass_source`, `mass_mapped`, `mass_exact` (summed probability at aligned positions:
+        of the source's top-k, after mapping, and of the top-k ids whose mapping is exact).
     """
     idx = METHODS.get(method)(tgt, src, ctx)
     ids, lps = map_topk(src_topk_ids, src_topk_logprobs, idx, vocab_map)
     rows = idx[idx >= 0]
     src_p = np.exp(src_topk_logprobs[rows].astype(np.float64))
     out_p = np.exp(lps[idx >= 0].astype(np.float64))
+    ids_rows = src_topk_ids[rows]
+    exact_p = src_p[(ids_rows >= 0) & exact[np.clip(ids_rows, 0, None)]] if exact is not None else src_p[:0]
     return {
         "src_index": idx,
         "aligned": (idx >= 0).astype(np.uint8),
@@ -422,6 +425,7 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
         "span_nll": span_nll(tgt.end, src.end, src_token_ce),
         "mass_source": float(np.nansum(src_p)),
         "mass_mapped": float(np.nansum(out_p)),
+        "mass_exact": float(np.nansum(exact_p)),
     }
 
 
@@ -459,14 +463,14 @@ def _check_block(bid: int, text: str, blk: dict, name: str) -> None:
 
 def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: list[dict], src_rows: list[dict],
                 vocab_map: np.ndarray, k: int, ctx: AlignContext, names: tuple[str, str],
-                domains: list[str] | None = None) -> tuple[pa.Table, dict]:
+                domains: list[str] | None = None, exact: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """Align the blocks of one shard; returns the table and its diagnostics.
 
     Args:
         tgt_rows, src_rows: per block, the extraction's columns (ARCHITECTURE.md) as arrays.
     """
     cols: dict[str, list] = {c: [] for c in SCHEMA.names}
-    stats = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0, "domains": {}}
+    stats = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0, "mass_exact": 0.0, "domains": {}}
     for r, bid in enumerate(block_ids):
         tb, sb = tgt_rows[r], src_rows[r]
         for blk, name in ((tb, names[0]), (sb, names[1])):
@@ -482,7 +486,7 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         topk_ids = np.asarray(sb["topk_ids"], np.int32).reshape(S, k)
         topk_lp = np.asarray(sb["topk_logprobs"], np.float16).reshape(S, k)
         ce = np.asarray(sb["token_ce"], np.float32)
-        res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx)
+        res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx, exact)
         cols["block_id"].append(int(bid))
         cols["aligned"].append(res["aligned"])
         cols["topk_ids"].append(res["topk_ids"].reshape(-1))
@@ -496,6 +500,7 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         stats["aligned"] += n_al
         stats["mass_source"] += res["mass_source"]
         stats["mass_mapped"] += res["mass_mapped"]
+        stats["mass_exact"] += res["mass_exact"]
         if domains is not None:
             d = stats["domains"].setdefault(domains[r], [0, 0])
             d[0] += len(tgt.ids)
@@ -580,8 +585,9 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
     tgt_art, tgt_man = _complete_extract(cfg, tname)
     src_art, src_man = _complete_extract(cfg, source_name)
     check_extractions(tgt_man, src_man, tname, source_name)
-    vmap, _, _ = vocabmap.load_vocab_map(cfg, source_name, src_man.get("tokenizer_fingerprint"),
+    vmap, how, _ = vocabmap.load_vocab_map(cfg, source_name, src_man.get("tokenizer_fingerprint"),
                                          tgt_man.get("tokenizer_fingerprint"))
+    exact = np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW))
     method = cfg.align.method
     METHODS.get(method)
     ctx = AlignContext(band=cfg.align.dtw_band)
@@ -607,7 +613,7 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
                                   f"the prepared blocks {len(rows['block_id'])}", where=f"extract/{name}",
                                   fix="rerun `lmfuse extract` with --overwrite")
         table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, vmap, k, ctx,
-                                   (tname, source_name), rows["domain"])
+                                   (tname, source_name), rows["domain"], exact)
         # Stats first, shard last: a shard file on disk always has its stats.
         atomic_write_json(stats_dir / f"stats-{i:05d}.json", stats)
         art.write_shard(i, table)
@@ -618,7 +624,7 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
     if missing:
         raise LmfuseError(f"shards {missing[:5]} of align/{source_name} are missing after the run",
                           where=str(art.path), fix="rerun the same command: it resumes")
-    total = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0}
+    total = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0, "mass_exact": 0.0}
     domains: dict[str, list[int]] = {}
     for i in range(n_shards):
         st = read_json(stats_dir / f"stats-{i:05d}.json") or {}
@@ -630,14 +636,17 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
             acc[1] += a
     aligned_fraction = total["aligned"] / max(total["positions"], 1)
     mass_fraction = total["mass_mapped"] / total["mass_source"] if total["mass_source"] else math.nan
+    exact_fraction = total["mass_exact"] / total["mass_source"] if total["mass_source"] else math.nan
     manifest = art.finish(
         source=source_name, target=tname, method=method, top_k=k, shard_size=S, n_shards=n_shards,
         n_blocks=len(blocks), target_positions=total["positions"], aligned_positions=total["aligned"],
         aligned_fraction=round(aligned_fraction, 6), mapped_mass_fraction=round(mass_fraction, 6),
+        exact_mass_fraction=round(exact_fraction, 6),
         aligned_fraction_per_domain={d: round(a / max(n, 1), 6) for d, (n, a) in sorted(domains.items())},
         align_seconds=round(time.time() - t0, 3),
     )
     log(f"align {source_name} -> {tname} ({method}): {aligned_fraction:.1%} of target positions aligned, "
-        f"{mass_fraction:.1%} of the aligned top-{k} probability mass mapped -> {art.path}")
+        f"{mass_fraction:.1%} of the aligned top-{k} probability mass mapped ({exact_fraction:.1%} exactly) "
+        f"-> {art.path}")
     log("  per domain: " + json.dumps(manifest["aligned_fraction_per_domain"]))
     return manifest
