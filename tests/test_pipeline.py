@@ -98,3 +98,22 @@ def test_fusion_training_on_real_aligned_data_learns_and_the_output_loads(make_c
     assert gen.shape[1] == ids.shape[1] + 4
     assert "fusion" in (out / "README.md").read_text().lower()
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_cli_eval_adds_models_given_on_the_command_line(make_config, tiny_models):
+    import subprocess
+    import sys
+
+    cfg_path = make_config({"train.max_steps": 1, "train.control": False})
+    cfg = load_config(cfg_path)
+    run_pipeline(cfg, log=lambda *a: None, report=False)
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "eval", str(cfg_path), "--model",
+                          f"again={tiny_models['bpe']}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    models = json.loads((cfg.run_dir / "eval" / "results.json").read_text())["models"]
+    assert {"tgt", "fused", "again"} <= set(models)
+    # The same weights under another label give the same figures.
+    assert models["again"]["overall"]["bpb"] == models["tgt"]["overall"]["bpb"]
+    bad = subprocess.run([sys.executable, "-m", "lmfuse.cli", "eval", str(cfg_path), "--model", "nolabel"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "LABEL=PATH" in bad.stderr

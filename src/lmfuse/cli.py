@@ -94,11 +94,21 @@ def train(config: Config,
 
 
 @app.command("eval")
-def eval_(config: Config, overwrite: Overwrite = False):
-    """Bits-per-byte and perplexity per domain for target, sources, fused model and baselines."""
+def eval_(config: Config,
+          model: Annotated[list[str] | None, typer.Option(
+              "--model", "-m", help="also evaluate LABEL=PATH (an HF model dir or .gguf; repeatable)")] = None,
+          device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:1 (default: cuda if available)")] = None,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="ignore cached per-model results")] = False):
+    """Bits-per-byte and perplexity per domain for target, sources, fused model, baselines and more."""
     from lmfuse.evaluate import run_eval
 
-    run_eval(_cfg(config), overwrite=overwrite)
+    extra = []
+    for item in model or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise LmfuseError(f"--model {item!r} is not LABEL=PATH", fix="e.g. --model mine=/models/my-hf-dir")
+        extra.append((label, path))
+    run_eval(_cfg(config), overwrite=overwrite, device=device, extra=extra)
 
 
 @app.command()

@@ -333,7 +333,7 @@ def load_eval_model(m: EvalModel, dtype: str | None, device: str):
 
 # -- run ---------------------------------------------------------------------------------------
 def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
-             device: str | None = None) -> dict:
+             device: str | None = None, extra: Sequence[tuple[str, Any]] = ()) -> dict:
     """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
 
     Args:
@@ -341,6 +341,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
         models: `(label, ModelSpec or HF dir)` pairs; default: target, sources, fused, clm, baselines.
         overwrite: Ignore cached per-model results.
         device: Torch device (default: CUDA when available).
+        extra: More `(label, ModelSpec or HF dir)` pairs evaluated next to the default ones.
 
     Returns:
         The results object written to `results.json`.
@@ -354,7 +355,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     chosen = select_blocks(blocks, cfg.eval.split)
     if models is None:
         baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
-        entries = default_models(cfg)
+        entries = _as_eval_models(cfg, [*default_models(cfg), *extra])
     else:
         entries = _as_eval_models(cfg, models)
     check_loadable(entries)
