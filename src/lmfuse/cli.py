@@ -19,10 +19,20 @@ Config = Annotated[Path, typer.Argument(help="the run's YAML config", show_defau
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="delete an artifact made from a different config")]
 
 
+Sources = Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")]
+
+
 def _cfg(path: Path):
     from lmfuse.config import load_config
 
     return load_config(path)
+
+
+def _each(config: Path, names: list[str] | None, everyone, run, overwrite: bool) -> None:
+    """Run a per-model stage for the named models, or for every model `everyone(cfg)` lists."""
+    cfg = _cfg(config)
+    for name in names or [m.name for m in everyone(cfg)]:
+        run(cfg, name, overwrite=overwrite)
 
 
 @app.command()
@@ -54,33 +64,23 @@ def extract(config: Config,
     """Run models over the blocks and store their top-k next-token distributions."""
     from lmfuse.extract import run_extract
 
-    cfg = _cfg(config)
-    for name in model or [m.name for m in cfg.models]:
-        run_extract(cfg, name, overwrite=overwrite)
+    _each(config, model, lambda cfg: cfg.models, run_extract, overwrite)
 
 
 @app.command("vocab-map")
-def vocab_map(config: Config,
-              source: Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")] = None,
-              overwrite: Overwrite = False):
+def vocab_map(config: Config, source: Sources = None, overwrite: Overwrite = False):
     """Map each source's vocabulary into the target's."""
     from lmfuse.vocabmap import run_vocab_map
 
-    cfg = _cfg(config)
-    for name in source or [m.name for m in cfg.sources]:
-        run_vocab_map(cfg, name, overwrite=overwrite)
+    _each(config, source, lambda cfg: cfg.sources, run_vocab_map, overwrite)
 
 
 @app.command()
-def align(config: Config,
-          source: Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")] = None,
-          overwrite: Overwrite = False):
+def align(config: Config, source: Sources = None, overwrite: Overwrite = False):
     """Align each source's distributions to the target's positions and vocabulary."""
     from lmfuse.align import run_align
 
-    cfg = _cfg(config)
-    for name in source or [m.name for m in cfg.sources]:
-        run_align(cfg, name, overwrite=overwrite)
+    _each(config, source, lambda cfg: cfg.sources, run_align, overwrite)
 
 
 @app.command()
