@@ -117,3 +117,25 @@ def test_cli_eval_adds_models_given_on_the_command_line(make_config, tiny_models
     bad = subprocess.run([sys.executable, "-m", "lmfuse.cli", "eval", str(cfg_path), "--model", "nolabel"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "LABEL=PATH" in bad.stderr
+
+
+def test_eval_on_another_corpus_scores_all_its_blocks(make_config, tmp_path):
+    import subprocess
+    import sys
+
+    cfg_path = make_config({"train.max_steps": 1, "train.control": False})
+    cfg = load_config(cfg_path)
+    run_pipeline(cfg, log=lambda *a: None, report=False)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"domain": d, "text": f"{d} text, number {i}. " * 20})
+                               for d in ("poetry", "news") for i in range(3)) + "\n")
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "eval", str(cfg_path), "--corpus", str(other)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = list((cfg.run_dir / "eval_corpora").glob("other-*/eval/results.json"))
+    assert len(found) == 1
+    doc = json.loads(found[0].read_text())
+    assert doc["split"] == "all" and doc["domains"] == ["news", "poetry"]
+    assert {"tgt", "src_spm", "src_wp", "fused"} <= set(doc["models"])
+    # The run's own held-out results are not where these went.
+    assert not (cfg.run_dir / "eval" / "results.json").exists()

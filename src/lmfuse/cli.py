@@ -97,6 +97,8 @@ def train(config: Config,
 def eval_(config: Config,
           model: Annotated[list[str] | None, typer.Option(
               "--model", "-m", help="also evaluate LABEL=PATH (an HF model dir or .gguf; repeatable)")] = None,
+          corpus: Annotated[Path | None, typer.Option(
+              help="score every block of this corpus instead of the run's held-out blocks")] = None,
           device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:1 (default: cuda if available)")] = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="ignore cached per-model results")] = False):
     """Bits-per-byte and perplexity per domain for target, sources, fused model, baselines and more."""
@@ -108,7 +110,7 @@ def eval_(config: Config,
         if not sep or not label or not path:
             raise LmfuseError(f"--model {item!r} is not LABEL=PATH", fix="e.g. --model mine=/models/my-hf-dir")
         extra.append((label, path))
-    run_eval(_cfg(config), overwrite=overwrite, device=device, extra=extra)
+    run_eval(_cfg(config), overwrite=overwrite, device=device, extra=extra, corpus=corpus)
 
 
 @app.command()

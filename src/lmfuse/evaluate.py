@@ -332,8 +332,24 @@ def load_eval_model(m: EvalModel, dtype: str | None, device: str):
 
 
 # -- run ---------------------------------------------------------------------------------------
+def corpus_config(cfg, corpus: str | Path):
+    """The config that prepares another corpus for evaluation, under `RUN/eval_corpora/<name>/`.
+
+    Every block of it is scored (no split, no caps), cut for the same tokenizers and block size.
+    """
+    corpus = Path(corpus).expanduser().resolve()
+    name = f"{corpus.stem}-{hash_obj(str(corpus))[:8]}"
+    return cfg.model_copy(update={
+        "output_dir": str(cfg.run_dir / "eval_corpora" / name),
+        "corpus": cfg.corpus.model_copy(update={"path": str(corpus), "max_docs_per_domain": None}),
+        "prepare": cfg.prepare.model_copy(update={"min_validation_blocks": 0, "max_blocks_per_domain": None}),
+        "eval": cfg.eval.model_copy(update={"split": "all"}),
+    })
+
+
 def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
-             device: str | None = None, extra: Sequence[tuple[str, Any]] = ()) -> dict:
+             device: str | None = None, extra: Sequence[tuple[str, Any]] = (),
+             corpus: str | Path | None = None) -> dict:
     """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
 
     Args:
@@ -342,6 +358,8 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
         overwrite: Ignore cached per-model results.
         device: Torch device (default: CUDA when available).
         extra: More `(label, ModelSpec or HF dir)` pairs evaluated next to the default ones.
+        corpus: Score every block of this corpus instead of the run's held-out blocks; it is
+            prepared (once) and the results go to `RUN/eval_corpora/<name>/eval/`.
 
     Returns:
         The results object written to `results.json`.
@@ -351,8 +369,15 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
 
     t0 = time.time()
     device = device or default_device()
-    blocks, data_hash = load_blocks(cfg)
-    chosen = select_blocks(blocks, cfg.eval.split)
+    data_cfg = cfg
+    if corpus is not None:
+        from lmfuse.prepare import run_prepare
+
+        data_cfg = corpus_config(cfg, corpus)
+        run_prepare(data_cfg)
+    split = data_cfg.eval.split
+    blocks, data_hash = load_blocks(data_cfg)
+    chosen = select_blocks(blocks, split)
     if models is None:
         baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
         entries = _as_eval_models(cfg, [*default_models(cfg), *extra])
@@ -361,13 +386,13 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     check_loadable(entries)
     baselines.check_ensembles([m for m in entries if m.kind == "ensemble"])
 
-    out_dir = cfg.run_dir / "eval"
+    out_dir = data_cfg.run_dir / "eval"
     cache_dir = out_dir / "cache"
     texts = [b["text"] for b in chosen]
     domains = [b["domain"] for b in chosen]
     results: dict[str, Any] = {}
     for m in entries:
-        key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, cfg.eval.split, cfg.eval.dtype,
+        key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, split, cfg.eval.dtype,
                         [b["block_id"] for b in chosen]])
         cache = cache_dir / f"{_safe_name(m.label)}-{key}.json"
         rec = None if overwrite else read_json(cache)
@@ -382,7 +407,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
             atomic_write_json(cache, rec)
         results[m.label] = rec
 
-    doc = {"split": cfg.eval.split, "data_hash": data_hash, "blocks": len(chosen),
+    doc = {"split": split, "corpus": str(data_cfg.corpus.path), "data_hash": data_hash, "blocks": len(chosen),
            "domains": sorted(set(domains)), "models": results}
     atomic_write_json(out_dir / "results.json", doc)
     table = results_table(doc)
