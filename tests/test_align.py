@@ -38,15 +38,9 @@ from lmfuse.testing import build_tokenizer, make_tiny_model, write_tiny_corpus
 from lmfuse.tokentext import token_table
 from lmfuse.vocabmap import run_vocab_map
 from naive import naive_dtw  # noqa: E402
+from texts import HARD_TEXTS  # noqa: E402
 
-TEXTS = [
-    "Hello world",
-    "  two leading spaces\n\nand newlines\t tabs",
-    "runs    of     spaces",
-    "digits 1234567890 and 3.14159",
-    "emoji 🙂🚀 mixed🙂text",
-    "日本語のテキスト。 中文",
-]
+TEXTS = HARD_TEXTS
 
 
 tokens = st.lists(st.text("ab ", max_size=3), min_size=1, max_size=14)

@@ -8,16 +8,9 @@ from hypothesis import strategies as st
 
 from lmfuse.testing import build_tokenizer
 from lmfuse.tokentext import BYTE, SPECIAL, token_bytes, token_table, token_texts
+from texts import HARD_TEXTS
 
-TEXTS = [
-    "Hello world",
-    "  two leading spaces\n\nand newlines\t tabs",
-    "runs    of     spaces",
-    "digits 1234567890 and 3.14159",
-    "emoji 🙂🚀 mixed🙂text",
-    "日本語のテキスト。 中文",
-    "Ωmega ✓ ünïcödé",
-]
+TEXTS = HARD_TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -28,20 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from numba import njit
 
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
 from lmfuse.errors import LmfuseError
 from lmfuse.extract import list_array
 from lmfuse.registry import Registry
-
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a dependency; keep the module importable without it
-    def njit(*args, **kwargs):
-        if args and callable(args[0]):
-            return args[0]
-        return lambda f: f
-
 
 SCHEMA = pa.schema([
     ("block_id", pa.int64()),
