@@ -128,7 +128,15 @@ def test_two_process_accelerate_run_writes_the_same_artifact(make_config):
     cfg_path = make_config()
     cfg = load_config(cfg_path)
     run_prepare(cfg, **QUIET)
-    run_extract(cfg, "tgt", progress=False, **QUIET)
+    # float32 sums depend on how a matmul is split over threads; torchrun gives each rank one
+    # thread, so the one-process run is pinned to one thread too (the claim is "same bytes for
+    # the same threads per process", whatever the machine's core count or load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_extract(cfg, "tgt", progress=False, **QUIET)
+    finally:
+        torch.set_num_threads(threads)
     one = shard_bytes(cfg.run_dir / "extract" / "tgt")
     shutil.rmtree(cfg.run_dir / "extract" / "tgt")
     lmfuse_bin = shutil.which("lmfuse")
@@ -137,7 +145,7 @@ def test_two_process_accelerate_run_writes_the_same_artifact(make_config):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", lmfuse_bin, "extract",
            str(cfg_path), "-m", "tgt"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+                         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[rank 0/2]" in res.stderr and "[rank 1/2]" in res.stderr  # really two processes
     assert read_manifest(cfg.run_dir / "extract" / "tgt") is not None
