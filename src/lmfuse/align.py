@@ -32,7 +32,7 @@ from numba import njit
 
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
 from lmfuse.errors import LmfuseError
-from lmfuse.extract import list_array
+from lmfuse.extract import dist_arrays, list_array
 from lmfuse.registry import Registry
 
 SCHEMA = pa.schema([
@@ -475,8 +475,7 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         src = BlockTokens(np.asarray(sb["input_ids"], np.int64), np.asarray(sb["offset_start"], np.int64),
                           np.asarray(sb["offset_end"], np.int64))
         S = len(src.ids)
-        topk_ids = np.asarray(sb["topk_ids"], np.int32).reshape(S, k)
-        topk_lp = np.asarray(sb["topk_logprobs"], np.float16).reshape(S, k)
+        topk_ids, topk_lp = dist_arrays(sb, S)
         ce = np.asarray(sb["token_ce"], np.float32)
         res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx, exact)
         cols["block_id"].append(int(bid))

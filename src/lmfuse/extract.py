@@ -75,6 +75,28 @@ def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
     return ids, lps, token_ce, lse
 
 
+def dist_arrays(row: dict, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """One extracted block's stored next-token distributions as padded arrays.
+
+    The one reader of the stored distribution columns, so `align` and `train` do not depend on
+    how `extract` stores them.
+
+    Args:
+        row: one block of an extraction (column name -> array or list).
+        T: the block's number of positions (tokens).
+
+    Returns:
+        ids int64 [T, K] (-1 = padding) and logprobs float32 [T, K] (-inf at padding).
+    """
+    ids = np.asarray(row["topk_ids"], dtype=np.int64)
+    lp = np.asarray(row["topk_logprobs"], dtype=np.float32)
+    if T <= 0 or len(ids) % T or len(lp) != len(ids):
+        raise LmfuseError(f"block {row.get('block_id', '?')}: distribution arrays of length {len(ids)}/{len(lp)} "
+                          f"do not fit {T} positions", fix="rerun `lmfuse extract` with --overwrite")
+    K = len(ids) // T
+    return ids.reshape(T, K), lp.reshape(T, K)
+
+
 def encode_blocks(tok, texts: list[str]) -> list[dict]:
     """Tokenize blocks with the tokenizer's own special tokens and normalized offsets.
 

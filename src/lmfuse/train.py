@@ -35,6 +35,7 @@ from lmfuse.artifacts import (
     read_manifest,
 )
 from lmfuse.errors import LmfuseError
+from lmfuse.extract import dist_arrays
 from lmfuse.fusion import FUSIONS, FusionOptions, fuse
 from lmfuse.loss import IGNORE, fused_clm_loss
 
@@ -179,7 +180,8 @@ class BlockData:
                 q = (r["nll_sum"] / max(1, r["scored_bytes"])) if self.quality == "nll_per_byte" else r["seq_ce"]
             else:  # the target's own token_ce is also its span NLL
                 q = _pad_last(r["token_ce"], T)
-            out["candidates"].append(_candidate(r["topk_ids"], r["topk_logprobs"], np.ones(T, bool), q, T,
+            ids, lps = dist_arrays(r, T)
+            out["candidates"].append(_candidate(ids.ravel(), lps.ravel(), np.ones(T, bool), q, T,
                                                 f"extract/{self.cfg.target.name}", block_id))
         for name, ds, rows in self.sources:
             if block_id not in rows:
