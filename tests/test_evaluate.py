@@ -126,10 +126,22 @@ def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
     cfg = _cfg(tmp_path, tiny)
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation"),
                                  (TEXTS[4], "prose", "train"), (TEXTS[2], "code", "validation")])
-    doc = evaluate.run_eval(cfg, device="cpu")
+    lines = []
+    doc = evaluate.run_eval(cfg, device="cpu", log=lines.append)
     assert list(doc["models"]) == ["tgt", "src"]
     assert doc["domains"] == ["code", "prose"]
     assert doc["blocks"] == 3
+    # Progress: a stage header, a line per model, a "done in" line.
+    assert lines[0].startswith("eval: 2 model(s) on 3 validation blocks (2 domain(s)) on cpu")
+    assert lines[1].startswith("  tgt: ") and lines[1].endswith(" s)")
+    assert lines[-1].startswith("eval done in ")
+    # Per-block figures, paired by block id, that add up to the summaries.
+    pb = doc["models"]["tgt"]["per_block"]
+    assert pb["block_id"] == [0, 1, 3] and pb["domain"] == ["prose", "code", "code"]
+    assert sum(pb["nll"]) == pytest.approx(doc["models"]["tgt"]["overall"]["nll"], rel=1e-12)
+    assert sum(pb["bytes"]) == doc["models"]["tgt"]["overall"]["bytes"]
+    assert sum(pb["tokens"]) == doc["models"]["tgt"]["overall"]["tokens"]
+    assert doc["models"]["src"]["per_block"]["block_id"] == [0, 1, 3]
     on_disk = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
     assert on_disk["models"]["tgt"]["domains"]["code"]["bpb"] > 0
     assert "| tgt |" in (cfg.run_dir / "eval" / "results.md").read_text()
@@ -146,10 +158,40 @@ def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
     calls = []
     real = evaluate.block_nll
     monkeypatch.setattr(evaluate, "block_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
-    doc2 = evaluate.run_eval(cfg, device="cpu")
+    lines = []
+    doc2 = evaluate.run_eval(cfg, device="cpu", log=lines.append)
     assert list(doc2["models"]) == ["tgt", "src", "clm"]
     assert len(calls) == 1
     assert doc2["models"]["tgt"] == doc["models"]["tgt"]
+    assert any(line.startswith("  tgt: ") and line.endswith("(cached)") for line in lines)
+    # The control says what it is in the results table.
+    table = (cfg.run_dir / "eval" / "results.md").read_text()
+    assert "| control (λ = 1) |" in table and "| clm |" not in table
+
+
+def test_cache_without_per_block_figures_is_scored_again(tmp_path, tiny):
+    cfg = _cfg(tmp_path, tiny)
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
+    evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    for cache in (cfg.run_dir / "eval" / "cache").glob("*.json"):  # as an older lmfuse wrote them
+        rec = json.loads(cache.read_text())
+        del rec["per_block"]
+        cache.write_text(json.dumps(rec))
+    doc = evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    assert all("per_block" in rec for rec in doc["models"].values())
+
+
+def test_missing_corpus_is_blamed_on_the_flag(tmp_path, tiny):
+    cfg = _cfg(tmp_path, tiny)
+    with pytest.raises(LmfuseError) as e:
+        evaluate.run_eval(cfg, device="cpu", corpus=tmp_path / "nope.jsonl")
+    assert e.value.where == "--corpus" and "nope.jsonl" in e.value.what
+    assert "config" not in str(e.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LmfuseError) as e:
+        evaluate.run_eval(cfg, device="cpu", corpus=empty)
+    assert e.value.where == f"--corpus {empty}" and "no .txt files" in e.value.what
 
 
 def test_run_eval_refuses_unloadable_model_first(tmp_path, tiny, monkeypatch):
@@ -165,3 +207,16 @@ def test_run_eval_refuses_empty_domain(tmp_path, tiny):
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "train")])
     with pytest.raises(LmfuseError, match="'code'.*validation_fraction|validation_fraction"):
         evaluate.run_eval(cfg, device="cpu")
+
+
+def test_eval_corpus_reports_its_blocks_not_a_split(tmp_path, tiny, capsys):
+    cfg = _cfg(tmp_path, tiny, prepare={"block_size": 48})
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"domain": d, "text": f"{d} text, number {i}. " * 8})
+                               for d in ("poetry", "news") for i in range(3)) + "\n")
+    lines = []
+    doc = evaluate.run_eval(cfg, device="cpu", corpus=other, log=lines.append)
+    assert doc["split"] == "all" and doc["domains"] == ["news", "poetry"]
+    assert lines[0].startswith(f"eval --corpus: {doc['blocks']} blocks from 6 documents of {other} (all scored)")
+    printed = capsys.readouterr().out + "\n".join(lines)
+    assert " train, " not in printed and "validation" not in printed

@@ -4,27 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
+import shutil
+import stat
+import subprocess
 
-from lmfuse.report import read_log, write_report
+import pytest
+
+from lmfuse.evaluate import per_block as per_block_records
+from lmfuse.evaluate import summarize
+from lmfuse.report import compare, read_log, write_report
+from lmfuse.stats import paired_bootstrap
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_synthetic_run(run):
-    """A run directory with eval results, training logs, align/vocab-map manifests and timings."""
+def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = None):
+    """A run directory with eval results, training logs, align/vocab-map manifests and timings.
+
+    The eval results are well formed: per-block NLL and bytes for every model (10 blocks per
+    domain), and summaries computed from them as `lmfuse eval` does.
+    """
     rng = random.Random(0)
-    domains = ["code", "docs", "licences", "literature"]
-    base = {"code": 0.62, "docs": 0.91, "licences": 0.95, "literature": 1.14}
+    domains = domains or ["code", "docs", "licences", "literature"]
+    base = {d: 0.6 + 0.5 * rng.random() for d in domains}
     models = {"smollm2": ("target", 0.0), "gemma3": ("source", -0.1), "fused": ("fused", -0.021),
               "clm": ("clm", -0.018), "ensemble-a-b": ("ensemble", 0.01)}
-    res = {"split": "validation", "data_hash": "x", "blocks": 40, "domains": domains, "models": {}}
+    blocks = [(i, d) for i, d in enumerate(d for d in domains for _ in range(10))]
+    hardness = {i: rng.gauss(0, 0.05) for i, _ in blocks}  # shared by every model: the pairing matters
+    nbytes = {i: rng.randint(300, 900) for i, _ in blocks}
+    res = {"split": "validation", "data_hash": "x", "blocks": len(blocks), "domains": domains, "models": {}}
     for label, (kind, shift) in models.items():
-        doms = {d: {"bpb": base[d] + shift + rng.uniform(-0.01, 0.01), "ppl": 12.0 + shift * 10, "tokens": 1000,
-                    "bytes": 4000, "nll": 1.0, "blocks": 10} for d in domains}
-        overall = {"bpb": sum(v["bpb"] for v in doms.values()) / 4, "ppl": 11.5, "tokens": 4000, "bytes": 16000,
-                   "nll": 4.0, "blocks": 40}
-        res["models"][label] = {"domains": doms, "overall": overall, "kind": kind, "seconds": 3.0}
+        bos = label == "gemma3"  # a BOS model scores every byte; the others not their first token's
+        rows = []
+        for i, d in blocks:
+            nb = nbytes[i] - (0 if bos else 3)
+            bpb = base[d] + shift + hardness[i] + rng.gauss(0, 0.004)
+            rows.append((bpb * math.log(2) * nb, nb // 4, nb))
+        rec = summarize(rows, [d for _, d in blocks])
+        rec.update(kind=kind, seconds=3.0)
+        if per_block:
+            rec["per_block"] = per_block_records(rows, [{"block_id": i, "domain": d} for i, d in blocks])
+        res["models"][label] = rec
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "results.json").write_text(json.dumps(res))
     (run / "eval" / "manifest.json").write_text(json.dumps({"stage": "eval", "seconds": 42.0}))
@@ -42,14 +65,20 @@ def make_synthetic_run(run):
         (d / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 20")  # cut last line
         (d / "manifest.json").write_text(json.dumps({"stage": "train", "seconds": 800.0 if lam < 1 else 610.0}))
     for src, frac, mass in (("gemma3", 0.89, 0.77), ("coder", 0.93, 0.85)):
+        # The fields align.py and vocabmap.py write, one per domain for the per-domain ones.
         (run / "align" / src).mkdir(parents=True)
         (run / "align" / src / "manifest.json").write_text(json.dumps(
-            {"stage": "align", "seconds": 30.5, "aligned_fraction": frac, "mapped_mass_fraction": mass,
-             "aligned_fraction_per_domain": {"code": frac - 0.05, "prose": frac + 0.03},
-             "n_shards": 2, "align_seconds": 30.1, "target_positions": 51234}))
+            {"stage": "align", "seconds": 30.5, "source": src, "target": "smollm2", "method": "offsets",
+             "top_k": 10, "shard_size": 16, "n_shards": 2, "n_blocks": 96, "target_positions": 51234,
+             "aligned_positions": round(51234 * frac), "aligned_fraction": frac, "mapped_mass_fraction": mass,
+             "exact_mass_fraction": mass - 0.2,
+             "aligned_fraction_per_domain": {d: round(frac - 0.05 + 0.03 * k, 6) for k, d in enumerate(domains)},
+             "align_seconds": 30.1}))
         (run / "vocab_map" / src).mkdir(parents=True)
         (run / "vocab_map" / src / "manifest.json").write_text(json.dumps(
-            {"stage": "vocab_map", "seconds": 4.2, "coverage": {"exact_fraction": 0.6, "mapped_fraction": 0.97}}))
+            {"stage": "vocab_map", "seconds": 4.2, "source": src, "target": "smollm2", "method": "retokenize",
+             "source_vocab_size": 262144, "target_vocab_size": 49152, "map_seconds": 4.0,
+             "coverage": {"unmapped": 0.0, "exact": 0.176, "mined": 0.0, "retokenize": 0.82, "special": 0.004}}))
     for m in ("smollm2", "gemma3", "coder"):
         (run / "extract" / m).mkdir(parents=True)
         (run / "extract" / m / "manifest.json").write_text(json.dumps({"stage": "extract", "seconds": 120.0}))
@@ -89,3 +118,185 @@ def test_read_log_skips_broken_lines(tmp_path):
     train, val = read_log(p)
     assert [r["step"] for r in train] == [1]
     assert [r["step"] for r in val] == [2]
+
+
+# -- the verdict -------------------------------------------------------------------------------
+def test_report_states_its_verdict_first(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    text = write_report(run).read_text()
+    first = text.split("\n\n")[1]  # the paragraph after the title
+    assert first.startswith("**Verdict:** fused − control (λ = 1): **")
+    assert "fused − best source (gemma3)" in first and "95% CI" in first
+    # The numbers are the paired bootstrap of the per-block figures, each model with its own bytes.
+    res = json.loads((run / "eval" / "results.json").read_text())["models"]
+    fa, ca, ga = res["fused"]["per_block"], res["clm"]["per_block"], res["gemma3"]["per_block"]
+    iv = paired_bootstrap(fa["nll"], ca["nll"], fa["bytes"], b_nbytes=ca["bytes"], n_boot=10_000, seed=0)
+    assert f"{iv.diff:+.4f} bits/byte".replace("-", "−") in first
+    assert f"95% CI {iv.lo:+.4f} to {iv.hi:+.4f}".replace("-", "−") in first
+    assert iv.diff == pytest.approx(res["fused"]["overall"]["bpb"] - res["clm"]["overall"]["bpb"], abs=1e-12)
+    src = paired_bootstrap(fa["nll"], ga["nll"], fa["bytes"], b_nbytes=ga["bytes"], n_boot=10_000, seed=0)
+    assert src.lo > 0 and "the fused model is worse than gemma3" in first
+    # Per domain, and before everything else in the report.
+    per = next(p for p in text.split("\n\n") if p.startswith("Per domain, fused − control (λ = 1): "))
+    for d in ("code", "docs", "licences", "literature"):
+        assert re.search(rf"{d} [+−]\d\.\d{{4}} \([+−]\d\.\d{{4}} to [+−]\d\.\d{{4}}: ", per), d
+    assert text.index("Verdict") < text.index("## Held-out results")
+
+
+def test_verdict_says_inside_the_noise_when_the_interval_holds_zero(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    p = run / "eval" / "results.json"
+    res = json.loads(p.read_text())
+    fused = res["models"]["fused"]
+    res["models"]["clm"] = {**json.loads(json.dumps(fused)), "kind": "clm"}  # the same figures: Δ = 0
+    p.write_text(json.dumps(res))
+    cells = compare(res, "fused", "clm", n_boot=500)
+    assert set(cells) == {"code", "docs", "licences", "literature", "overall"}
+    assert all(iv == (0.0, 0.0, 0.0) for iv in cells.values())
+    first = write_report(run).read_text().split("\n\n")[1]
+    assert "fused − control (λ = 1): **+0.0000 bits/byte** overall (95% CI +0.0000 to +0.0000): inside the noise" in first
+
+
+def test_verdict_without_per_block_figures_gives_differences_without_intervals(tmp_path):
+    run = make_synthetic_run(tmp_path / "run", per_block=False)  # results from an older lmfuse
+    text = write_report(run).read_text()
+    assert "**Verdict:** fused − control (λ = 1): **" in text
+    assert "no confidence interval (rerun `lmfuse eval`" in text
+
+
+def test_verdict_when_nothing_to_compare(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert write_report(run).read_text().split("\n\n")[1].startswith("**Verdict:** none yet")
+
+
+def test_control_is_labelled_as_the_control(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    text = write_report(run).read_text()
+    assert "| control (λ = 1) |" in text  # results and training tables
+    assert "| clm" not in text and "(clm)" not in text
+
+
+def test_report_files_are_world_readable(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        write_report(run)
+    finally:
+        os.umask(old)
+    files = sorted((run / "report").iterdir())
+    assert {f.name for f in files} >= {"report.md", "report.html", "bpb.png"}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
+# -- in a real browser -------------------------------------------------------------------------
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH: the report is not checked in a browser "
+                             "(Debian: apt-get install -y chromium; .ci/run installs it when CI=true)")
+
+# Runs in the page after load; writes what the test checks into a <pre> that --dump-dom prints.
+PAGE_CHECKS = """<script>
+window.addEventListener('load', () => {
+  const de = document.documentElement;
+  const box = el => { const r = el.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top + scrollY,
+                                                                      width: r.width, height: r.height}; };
+  const shown = el => { const cs = getComputedStyle(el); return cs.display !== 'none' && cs.visibility !== 'hidden'
+                                                                 && parseFloat(cs.opacity) > 0; };
+  const v = document.getElementById('verdict');
+  const out = {
+    scrollWidth: de.scrollWidth, clientWidth: de.clientWidth, height: de.scrollHeight,
+    firstH2: box(document.querySelector('h2')).top,
+    verdict: v && {text: v.innerText, box: box(v), shown: shown(v)},
+    images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, natural: i.naturalWidth,
+                                            box: box(i), shown: shown(i)})),
+    tables: [...document.querySelectorAll('table')].map(t => ({
+      head: t.querySelector('th').innerText, scrollWidth: t.scrollWidth, box: box(t), shown: shown(t),
+      wrapClient: t.parentElement.clientWidth, wrapBox: box(t.parentElement),
+      wrapOverflow: getComputedStyle(t.parentElement).overflowX})),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'lmfuse-checks';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(args: list[str], url: str, profile) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def render(html_path, tmp_path, width: int = 1400) -> tuple[dict, object]:
+    """Lay out a report in headless chromium at `width` px: (the page checks, a full-page screenshot)."""
+    probe = html_path.with_name("browser-check.html")
+    probe.write_text(html_path.read_text().replace("</body>", PAGE_CHECKS + "</body>"))
+    try:
+        res = _chromium([f"--window-size={width},1000", "--dump-dom"], probe.as_uri(), tmp_path / "profile")
+    finally:
+        probe.unlink()
+    start = res.stdout.find('<pre id="lmfuse-checks">')
+    assert start >= 0, f"chromium printed no checks (rc {res.returncode}): {res.stderr[-2000:]}"
+    import html as html_lib
+
+    body = res.stdout[start + len('<pre id="lmfuse-checks">'):res.stdout.index("</pre>", start)]
+    checks = json.loads(html_lib.unescape(body))
+    shot = tmp_path / f"report-{width}px.png"
+    res = _chromium([f"--window-size={width},{checks['height'] + 40}", f"--screenshot={shot}"],
+                    html_path.as_uri(), tmp_path / "profile")
+    assert shot.exists() and shot.read_bytes().startswith(PNG), res.stderr[-2000:]
+    return checks, shot
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _assert_layout(checks: dict, n_images: int) -> None:
+    width = checks["clientWidth"]
+    assert checks["scrollWidth"] <= width, "the page scrolls sideways"
+    v = checks["verdict"]
+    assert v and v["shown"] and v["box"]["width"] > 0 and v["box"]["height"] > 0
+    assert v["text"].startswith("Verdict: fused − control (λ = 1): ") and "95% CI" in v["text"]
+    assert v["box"]["top"] < checks["firstH2"], "the verdict is not the first thing in the report"
+    assert v["box"]["right"] <= width
+    assert len(checks["images"]) == n_images
+    for img in checks["images"]:
+        assert img["complete"] and img["natural"] > 0 and img["shown"], img["alt"]
+        assert img["box"]["width"] > 100 and img["box"]["height"] > 100, img["alt"]
+        assert img["box"]["left"] >= 0 and img["box"]["right"] <= width, img["alt"]
+    for t in checks["tables"]:
+        assert t["shown"] and t["box"]["height"] > 0, t["head"]
+        # The table's box never reaches past the page; a table wider than its box scrolls inside it.
+        assert t["wrapBox"]["left"] >= 0 and t["wrapBox"]["right"] <= width, t["head"]
+        assert t["scrollWidth"] <= t["wrapClient"] or t["wrapOverflow"] in ("auto", "scroll"), t["head"]
+
+
+@needs_chromium
+def test_report_in_a_browser_at_1400px(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    write_report(run)
+    checks, shot = render(run / "report" / "report.html", tmp_path)
+    _assert_layout(checks, n_images=6)
+    heads = [t["head"].replace("\u00a0", " ") for t in checks["tables"]]
+    assert heads == ["fused − … [95% CI]", "model", "model", "source", "source", "artifact"]
+    # At 1400 px every table of a four-domain run fits without scrolling, alignment's included.
+    for t in checks["tables"]:
+        assert t["scrollWidth"] <= t["wrapClient"], t["head"]
+    assert _png_size(shot) == (1400, checks["height"] + 40)
+    if os.environ.get("LMFUSE_SCREENSHOT_DIR"):  # to look at it
+        shutil.copy(shot, os.environ["LMFUSE_SCREENSHOT_DIR"])
+
+
+@needs_chromium
+def test_report_with_many_domains_scrolls_tables_inside_not_the_page(tmp_path):
+    domains = [f"domain_with_a_long_name_{i:02d}" for i in range(14)]
+    run = make_synthetic_run(tmp_path / "run", domains=domains)
+    write_report(run)
+    checks, _ = render(run / "report" / "report.html", tmp_path)
+    _assert_layout(checks, n_images=6)
+    assert any(t["scrollWidth"] > t["wrapClient"] for t in checks["tables"])  # this one needs its scrollbar

@@ -8,7 +8,9 @@ are kept (BOS included), position 0 predicts token 1, so the scored text is `tex
 
 `block_nll` and `summarize` are pure; `run_eval` does the I/O and caches each model's result
 under `RUN/eval/cache/`, keyed by the model's fingerprint and the data's hash, so adding one
-model to a finished evaluation evaluates only that model.
+model to a finished evaluation evaluates only that model. Each model's record keeps its
+per-block figures (`per_block`: block ids, domains, NLL, tokens, bytes) so that two models can
+be compared block by block (`lmfuse.stats.paired_bootstrap`, used by the report).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import gc
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from lmfuse.artifacts import atomic_write_bytes, atomic_write_json, hash_obj, re
 from lmfuse.errors import LmfuseError
 
 LN2 = math.log(2.0)
+CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -332,12 +335,35 @@ def load_eval_model(m: EvalModel, dtype: str | None, device: str):
 
 
 # -- run ---------------------------------------------------------------------------------------
+def per_block(rows: Sequence[tuple[float, int, int]], blocks: Sequence[dict]) -> dict[str, list]:
+    """Per-block figures of one model, column-wise, in the order of `blocks`.
+
+    Args:
+        rows: `N` tuples `(nll_sum, n_tokens, scored_bytes)` from `block_nll`.
+        blocks: The `N` blocks scored (dicts with `block_id` and `domain`).
+
+    Returns:
+        `{"block_id": [N], "domain": [N], "nll": [N], "tokens": [N], "bytes": [N]}`.
+    """
+    return {"block_id": [int(b["block_id"]) for b in blocks], "domain": [b["domain"] for b in blocks],
+            "nll": [float(r[0]) for r in rows], "tokens": [int(r[1]) for r in rows],
+            "bytes": [int(r[2]) for r in rows]}
+
+
 def corpus_config(cfg, corpus: str | Path):
     """The config that prepares another corpus for evaluation, under `RUN/eval_corpora/<name>/`.
 
     Every block of it is scored (no split, no caps), cut for the same tokenizers and block size.
+
+    Raises:
+        LmfuseError: When the corpus does not exist (blamed on `--corpus`, not the config).
     """
+    given = corpus
     corpus = Path(corpus).expanduser().resolve()
+    if not corpus.exists():
+        raise LmfuseError(f"corpus {given} does not exist", where="--corpus",
+                          fix="pass a .txt file, a folder of .txt files, a .jsonl or .parquet file, "
+                              "or a saved HF dataset folder")
     name = f"{corpus.stem}-{hash_obj(str(corpus))[:8]}"
     return cfg.model_copy(update={
         "output_dir": str(cfg.run_dir / "eval_corpora" / name),
@@ -347,9 +373,24 @@ def corpus_config(cfg, corpus: str | Path):
     })
 
 
+def _prepare_corpus(data_cfg, given: str | Path, log: Callable[[str], Any]) -> None:
+    """Prepare an `--corpus` once; say how many blocks it gave (it has no split to report)."""
+    from lmfuse.prepare import run_prepare
+
+    try:
+        manifest = run_prepare(data_cfg, log=lambda *a, **k: None)
+    except LmfuseError as e:
+        if e.where in ("corpus.path", str(data_cfg.corpus.path)):  # the flag, not the config, named it
+            raise LmfuseError(e.what, where=f"--corpus {given}", fix=e.fix) from e
+        raise
+    manifest = manifest or {}
+    log(f"eval --corpus: {manifest.get('n_blocks', '?')} blocks from {manifest.get('n_docs', '?')} documents "
+        f"of {given} (all scored) -> {data_cfg.run_dir}")
+
+
 def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
              device: str | None = None, extra: Sequence[tuple[str, Any]] = (),
-             corpus: str | Path | None = None) -> dict:
+             corpus: str | Path | None = None, log: Callable[[str], Any] = print) -> dict:
     """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
 
     Args:
@@ -360,6 +401,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
         extra: More `(label, ModelSpec or HF dir)` pairs evaluated next to the default ones.
         corpus: Score every block of this corpus instead of the run's held-out blocks; it is
             prepared (once) and the results go to `RUN/eval_corpora/<name>/eval/`.
+        log: Where progress lines go (a stage header, one line per model, "done in").
 
     Returns:
         The results object written to `results.json`.
@@ -371,10 +413,8 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     device = device or default_device()
     data_cfg = cfg
     if corpus is not None:
-        from lmfuse.prepare import run_prepare
-
         data_cfg = corpus_config(cfg, corpus)
-        run_prepare(data_cfg)
+        _prepare_corpus(data_cfg, corpus, log)
     split = data_cfg.eval.split
     blocks, data_hash = load_blocks(data_cfg)
     chosen = select_blocks(blocks, split)
@@ -390,12 +430,16 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     cache_dir = out_dir / "cache"
     texts = [b["text"] for b in chosen]
     domains = [b["domain"] for b in chosen]
+    log(f"eval: {len(entries)} model(s) on {len(chosen)} {'' if split == 'all' else split + ' '}blocks "
+        f"({len(set(domains))} domain(s)) on {device} -> {out_dir}")
     results: dict[str, Any] = {}
     for m in entries:
         key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, split, cfg.eval.dtype,
                         [b["block_id"] for b in chosen]])
         cache = cache_dir / f"{_safe_name(m.label)}-{key}.json"
         rec = None if overwrite else read_json(cache)
+        if rec is not None and "per_block" not in rec:
+            rec = None  # cached before per-block figures were kept: score again
         if rec is None:
             t = time.time()
             model, tok = load_eval_model(m, cfg.eval.dtype, device)
@@ -403,8 +447,11 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
             del model
             gc.collect()
             rec = {**summarize(rows, domains), "kind": m.kind, "seconds": round(time.time() - t, 3),
-                   "path": [str(s.path) for s in m.specs()]}
+                   "path": [str(s.path) for s in m.specs()], "per_block": per_block(rows, chosen)}
             atomic_write_json(cache, rec)
+            log(f"  {m.label}: {rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']:.1f} s)")
+        else:
+            log(f"  {m.label}: {rec['overall']['bpb']:.4f} bits/byte (cached)")
         results[m.label] = rec
 
     doc = {"split": split, "corpus": str(data_cfg.corpus.path), "data_hash": data_hash, "blocks": len(chosen),
@@ -417,8 +464,16 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
         "model_seconds": sum(r.get("seconds", 0.0) for r in results.values()),
         "models": list(results), "data_hash": data_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    print(table)
+    log(table)
+    log(f"eval done in {time.time() - t0:.1f} s -> {out_dir / 'results.json'}")
     return doc
+
+
+def display_label(label: str, kind: str | None) -> str:
+    """How a model is named in tables and plots: the λ = 1 control says what it is."""
+    if kind == "clm":
+        return CONTROL if label == "clm" else f"{label} ({CONTROL})"
+    return label
 
 
 def results_table(doc: dict) -> str:
@@ -435,7 +490,7 @@ def results_table(doc: dict) -> str:
     ]
     best = min(rec["overall"]["bpb"] for rec in doc["models"].values())
     for label, rec in doc["models"].items():
-        cells = [label]
+        cells = [display_label(label, rec.get("kind"))]
         for d in domains:
             mm = rec["domains"].get(d)
             cells.append(f"{mm['bpb']:.4f} ({mm['ppl']:.2f})" if mm else "–")

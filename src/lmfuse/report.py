@@ -1,8 +1,13 @@
 """The run report: `RUN/report/report.md` and a self-contained `report.html` with PNG plots.
 
+The report opens with its verdict: fused − control (λ = 1) and fused − best source in bits per
+byte, overall and per domain, each with a 95% paired bootstrap confidence interval over the
+held-out blocks (`lmfuse.stats.paired_bootstrap` on the per-block figures `lmfuse eval` keeps).
+
 Everything is read from the run directory (eval results, training logs, alignment and vocab-map
 manifests, every manifest's `seconds`); parts that are missing are reported as "not run" rather
-than failing, so the report can be written at any point of a run.
+than failing, so the report can be written at any point of a run. Report files are readable by
+everyone the umask allows (0644 under the usual umask 022), like any file a program writes.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ import base64
 import html
 import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmfuse.artifacts import atomic_write_bytes, read_json
+from lmfuse.evaluate import CONTROL, display_label
+from lmfuse.stats import Interval, paired_bootstrap
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
           "#CCB974", "#64B5CD"]
@@ -84,6 +93,153 @@ def fraction_stats(stats: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in stats.items() if 0.0 <= v <= 1.0 and any(w in k.lower() for w in words)}
 
 
+# -- verdict -----------------------------------------------------------------------------------
+N_BOOT = 10_000
+SEED = 0
+MINUS = "\u2212"
+
+
+def _first_of_kind(models: dict[str, dict], kind: str) -> str | None:
+    return next((label for label, rec in models.items() if rec.get("kind") == kind), None)
+
+
+def best_source(results: dict) -> str | None:
+    """The source model with the lowest overall bits per byte, or None."""
+    sources = [(rec["overall"]["bpb"], label) for label, rec in results["models"].items()
+               if rec.get("kind") == "source" and _num(rec["overall"].get("bpb"))]
+    return min(sources)[1] if sources else None
+
+
+def compare(results: dict, a: str, b: str, n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Interval]:
+    """bpb(a) − bpb(b) per domain and overall, with paired bootstrap CIs over held-out blocks.
+
+    Blocks are paired by `block_id` (the ones both models scored); each model's own scored bytes
+    are used. Without per-block figures (results written by an older lmfuse) the intervals are
+    NaN and the differences come from the summaries.
+
+    Args:
+        results: The `eval/results.json` object.
+        a: Label of model A.
+        b: Label of model B.
+        n_boot: Bootstrap resamples.
+        seed: Bootstrap seed (fixed: the same run gives the same report).
+
+    Returns:
+        `{domain: Interval, ..., "overall": Interval}` in bits per byte; negative: A is better.
+    """
+    ra, rb = results["models"][a], results["models"][b]
+    groups = [*results["domains"], "overall"]
+    pa, pb = ra.get("per_block"), rb.get("per_block")
+    out: dict[str, Interval] = {}
+    if not pa or not pb:
+        nan = float("nan")
+        for g in groups:
+            ma = ra["overall"] if g == "overall" else ra["domains"].get(g)
+            mb = rb["overall"] if g == "overall" else rb["domains"].get(g)
+            if ma and mb:
+                out[g] = Interval(ma["bpb"] - mb["bpb"], nan, nan)
+        return out
+    where_b = {bid: i for i, bid in enumerate(pb["block_id"])}
+    pairs = [(i, where_b[bid]) for i, bid in enumerate(pa["block_id"]) if bid in where_b]
+    for g in groups:
+        sel = [(i, j) for i, j in pairs if g == "overall" or pa["domain"][i] == g]
+        if not sel:
+            continue
+        out[g] = paired_bootstrap([pa["nll"][i] for i, _ in sel], [pb["nll"][j] for _, j in sel],
+                                  [pa["bytes"][i] for i, _ in sel], b_nbytes=[pb["bytes"][j] for _, j in sel],
+                                  n_boot=n_boot, seed=seed)
+    return out
+
+
+def _d(v: float) -> str:
+    """A signed difference with a real minus sign: `+0.0012`, `−0.0034`."""
+    return _signed(v, 4).replace("-", MINUS)
+
+
+def _ci(iv: Interval) -> str:
+    return f"95% CI {_d(iv.lo)} to {_d(iv.hi)}" if math.isfinite(iv.lo) else "no CI: no per-block figures"
+
+
+def _cell(iv: Interval) -> str:
+    """`−0.0012 [−0.0035, +0.0010]` for a table cell."""
+    # No-break spaces inside the brackets: a narrow column wraps before the interval, not in it.
+    return f"{_d(iv.diff)} [{_d(iv.lo)},\u00a0{_d(iv.hi)}]" if math.isfinite(iv.lo) else _d(iv.diff)
+
+
+def _words(iv: Interval, b: str | None = None) -> str:
+    """Plain words for an interval of fused − `b`: inside the noise, or which model is better.
+
+    Args:
+        iv: The interval.
+        b: What fused is compared with, for a full sentence; None for the short form.
+    """
+    if not math.isfinite(iv.lo):
+        return "no confidence interval (rerun `lmfuse eval` to keep per-block figures)"
+    if iv.includes_zero:
+        return ("inside the noise: no measurable difference" if b else "inside the noise")
+    better = iv.hi < 0
+    if b is None:
+        return "fused better" if better else "fused worse"
+    return f"the fused model is {'better' if better else 'worse'} than {b}"
+
+
+def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
+            ) -> tuple[list[str], list[str], list[list[str]]]:
+    """The report's opening: paragraphs, and a table of every difference with its CI.
+
+    Args:
+        results: The `eval/results.json` object, or None when eval has not run.
+        n_boot: Bootstrap resamples per difference.
+        seed: Bootstrap seed.
+
+    Returns:
+        `(paragraphs, table head, table rows)`; the table is empty when there is nothing to compare.
+    """
+    if not results or not results.get("models"):
+        return ["**Verdict:** none yet: the models have not been evaluated (`lmfuse eval`)."], [], []
+    models = results["models"]
+    fused = _first_of_kind(models, "fused")
+    if fused is None:
+        return ["**Verdict:** none yet: no fused model has been evaluated (`lmfuse train`, then `lmfuse eval`)."], [], []
+    comparisons = []  # (column name, name in a sentence, intervals)
+    control = _first_of_kind(models, "clm")
+    if control is not None:
+        comparisons.append((display_label(control, "clm"), "the control",
+                            compare(results, fused, control, n_boot, seed)))
+    source = best_source(results)
+    if source is not None:
+        comparisons.append((f"best source ({source})", source, compare(results, fused, source, n_boot, seed)))
+    if not comparisons:
+        return ["**Verdict:** none yet: neither the control nor a source was evaluated."], [], []
+
+    sentences = []
+    for name, short, cells in comparisons:
+        o = cells.get("overall")
+        if o is None:
+            continue
+        sentences.append(f"fused {MINUS} {name}: **{_d(o.diff)} bits/byte** overall ({_ci(o)}): "
+                         f"{_words(o, short)}")
+    paragraphs = ["**Verdict:** " + "; ".join(sentences) + "."]
+    for name, _, cells in comparisons:
+        per = [f"{g} {_d(iv.diff)} ({_ci(iv).removeprefix('95% CI ')}: {_words(iv)})"
+               for g, iv in cells.items() if g != "overall"]
+        if per:
+            paragraphs.append(f"Per domain, fused {MINUS} {name}: " + "; ".join(per) + ".")
+    if control is None:
+        paragraphs.append(f"The {CONTROL} was not evaluated (set `train.control: true`), so the fused model "
+                          "cannot be told apart from plain continual training.")
+    n = len((models[fused].get("per_block") or {}).get("block_id", []))
+    paragraphs.append(
+        f"Differences are in bits per byte of held-out text (Σ NLL / (ln 2 · Σ bytes) over the blocks); "
+        f"below zero, the fused model is better. Intervals: 95% percentile paired bootstrap over the "
+        f"{n or results.get('blocks', '?')} {results.get('split', 'held-out')} blocks ({n_boot:,} resamples, seed {seed}); "
+        "an interval that includes zero is inside the noise of which blocks were held out.")
+    groups = [*results["domains"], "overall"]
+    head = [f"fused {MINUS} … [95%\u00a0CI]", *groups]
+    rows = [[name, *[_cell(cells[g]) if g in cells else "–" for g in groups]] for name, _, cells in comparisons]
+    return paragraphs, head, rows
+
+
 # -- plots -------------------------------------------------------------------------------------
 def _figure(w: float, h: float):
     from matplotlib.figure import Figure
@@ -134,7 +290,8 @@ def plot_bpb(results: dict, out: Path) -> Path:
         vals = [rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
                 for g in groups]
         top = max([top, *[v for v in vals if np.isfinite(v)]])
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=label, color=colors[label])
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=display_label(label, rec.get("kind")),
+                      color=colors[label])
         ax.bar_label(bars, fmt="%.3f", fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0,
                      padding=2)
     ax.set_xticks(x, groups)
@@ -157,6 +314,7 @@ def plot_bpb_delta(results: dict, reference: str, out: Path) -> Path:
     others = [m for m in results["models"] if m != reference]
     groups = [*results["domains"], "overall"]
     ref = results["models"][reference]
+    ref_name = display_label(reference, ref.get("kind"))
 
     def bpb(rec, g):
         return rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
@@ -170,13 +328,14 @@ def plot_bpb_delta(results: dict, reference: str, out: Path) -> Path:
     for i, label in enumerate(others):
         rec = results["models"][label]
         vals = [bpb(rec, g) - bpb(ref, g) for g in groups]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=label, color=colors[label])
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=display_label(label, rec.get("kind")),
+                      color=colors[label])
         ax.bar_label(bars, labels=[_signed(v) for v in vals], fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0, padding=2)
     ax.axhline(0, color="black", lw=0.8)
     ax.margins(y=0.2)
     ax.set_xticks(x, groups)
-    ax.set_ylabel(f"Δ bits per byte vs {reference}\n(below 0 = better than {reference})")
-    ax.set_title(f"Change in bits per byte relative to {reference}")
+    ax.set_ylabel(f"Δ bits per byte vs {ref_name}\n(below 0 = better)")
+    ax.set_title(f"Change in bits per byte relative to {ref_name}")
     ax.legend(fontsize=8, ncols=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -194,12 +353,28 @@ def _smooth(y: Sequence[float], window: int) -> list[float]:
     return out
 
 
+# The fused curve is a thick solid line; the control's a thin dashed line drawn over it, so where
+# the two coincide both stay visible (the fused line shows around and between the dashes).
+LOSS_STYLE = {
+    "fused": {"ls": "-", "lw": 2.6, "zorder": 3, "marker": "o"},
+    "clm": {"ls": (0, (4, 3)), "lw": 1.3, "zorder": 4, "marker": "s"},
+}
+
+
 def plot_losses(logs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> Path:
-    """Training (LM part) and validation loss per step, fused vs control."""
+    """Training (LM part) and validation loss per step, fused vs control.
+
+    The fused model's curves are thick and solid, the control's thin and dashed on top of them,
+    so where the two coincide neither hides the other.
+    """
     fig = _figure(11, 4.2)
     ax_tr, ax_va = fig.subplots(1, 2)
-    for i, (name, (train, val)) in enumerate(logs.items()):
-        color = _color(i, name)
+    order = sorted(logs, key=lambda n: LOSS_STYLE.get(n, {}).get("zorder", 2))
+    for name in order:
+        train, val = logs[name]
+        color = _color(list(logs).index(name), name)
+        style = LOSS_STYLE.get(name, {"ls": "-", "lw": 1.8, "zorder": 2, "marker": "o"})
+        shown = display_label(name, name)
         if train:
             steps = [r["step"] for r in train]
             # The LM (CLM) part of the fused loss is what the control optimises: compare those.
@@ -207,24 +382,28 @@ def plot_losses(logs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> Pa
             y = [r[key] for r in train]
             w = max(1, len(y) // 10)
             if w > 1:
-                ax_tr.plot(steps, y, color=color, alpha=0.25, lw=0.8)
-            ax_tr.plot(steps, _smooth(y, w), color=color, lw=1.8, marker="o" if len(y) == 1 else None,
-                       label=f"{name}: {'LM part of the loss' if key == 'clm' else 'loss'}"
+                ax_tr.plot(steps, y, color=color, alpha=0.25, lw=0.8, zorder=1)
+            ax_tr.plot(steps, _smooth(y, w), color=color, lw=style["lw"], ls=style["ls"], zorder=style["zorder"],
+                       marker=style["marker"] if len(y) == 1 else None,
+                       label=f"{shown}: {'LM part of the loss' if key == 'clm' else 'loss'}"
                              + (f" (mean of {w} steps)" if w > 1 else ""))
             if key == "clm" and all(_num(r.get("fusion")) for r in train) and any(r["fusion"] for r in train):
-                ax_tr.plot(steps, _smooth([r["fusion"] for r in train], w), color=color, lw=1.2, ls="--",
-                           label=f"{name}: fusion part")
+                ax_tr.plot(steps, _smooth([r["fusion"] for r in train], w), color=color, lw=1.2, ls=":",
+                           zorder=style["zorder"], label=f"{shown}: fusion part")
         if val:
-            ax_va.plot([r["step"] for r in val], [r["eval_loss"] for r in val], color=color, lw=1.8,
-                       marker="o", ms=4, label=name)
+            ax_va.plot([r["step"] for r in val], [r["eval_loss"] for r in val], color=color, lw=style["lw"],
+                       ls=style["ls"], zorder=style["zorder"], marker=style["marker"], ms=5 if name == "fused" else 4,
+                       mfc=color if name == "fused" else "white", label=shown)
     ax_tr.set_title("Training loss")
     ax_va.set_title("Validation loss")
     for ax in (ax_tr, ax_va):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy (nats per token, lower is better)")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            first = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("fused"))  # fused first
+            ax.legend([handles[i] for i in first], [labels[i] for i in first], fontsize=8)
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="#888888")
     fig.savefig(out)
@@ -334,27 +513,36 @@ class _Doc:
             if it[0] == "h":
                 body.append(f"<h{it[1]}>{html.escape(it[2])}</h{it[1]}>")
             elif it[0] == "p":
-                body.append(f"<p>{_inline(it[1])}</p>")
+                cls = ' class="verdict" id="verdict"' if it[1].startswith("**Verdict") else ""
+                body.append(f"<p{cls}>{_inline(it[1])}</p>")
             elif it[0] == "table":
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in it[1])
+                head = "".join(f"<th>{_breakable(h)}</th>" for h in it[1])
                 rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in it[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+                # A table wider than the page scrolls inside its own box, never the page.
+                body.append(f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+                            f"<tbody>{rows}</tbody></table></div>")
             else:
                 data = base64.b64encode(it[1].read_bytes()).decode()
                 body.append(f'<figure><img alt="{html.escape(it[2])}" src="data:image/png;base64,{data}">'
                             f"<figcaption>{html.escape(it[2])}</figcaption></figure>")
         style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-                 "td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
-                 "img{max-width:100%}figcaption{color:#666;font-size:0.9em}code{background:#f3f3f3;padding:1px 3px}")
+                 ".table-wrap{max-width:100%;overflow-x:auto;margin:1em 0}"
+                 "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px}"
+                 "th{background:#f3f3f3;vertical-align:bottom}"
+                 "td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}"
+                 "img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{color:#666;font-size:0.9em}"
+                 "code{background:#f3f3f3;padding:1px 3px}p.verdict{font-size:1.05em}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def _breakable(text: str) -> str:
+    """Escape a header and let it wrap after `_`, `.` and `/` (long manifest keys)."""
+    return re.sub(r"([_./])", r"\1<wbr>", html.escape(text))
+
+
 def _inline(text: str) -> str:
     """Escape, then render `code` and **bold** spans."""
-    import re
-
     s = html.escape(text)
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
@@ -367,13 +555,20 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     doc = _Doc()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
+    results = read_json(run_dir / "eval" / "results.json")
+    # The verdict comes first: what fusion did, against the control and the best source.
+    paragraphs, head, rows = verdict(results)
+    doc.p(paragraphs[0])
+    if rows:
+        doc.table(head, rows)
+    for para in paragraphs[1:]:
+        doc.p(para)
     cfg = _config_summary(run_dir)
     if cfg:
         doc.p(cfg)
 
     # Results.
     doc.h("Held-out results")
-    results = read_json(run_dir / "eval" / "results.json")
     if not results or not results.get("models"):
         doc.p("Evaluation: not run (`lmfuse eval`).")
     else:
@@ -384,7 +579,10 @@ def write_report(run_dir: str | Path) -> Path:
         best = min(results["models"].values(), key=lambda r: r["overall"]["bpb"])["overall"]["bpb"]
         for label, rec in results["models"].items():
             kind = rec.get("kind")
-            cells = [f"{label} ({kind})" if kind not in (None, "model", label) else label]
+            if kind == "clm":
+                cells = [display_label(label, kind)]
+            else:
+                cells = [f"{label} ({kind})" if kind not in (None, "model", label) else label]
             cells += [f"{rec['domains'][d]['bpb']:.4f}" if d in rec["domains"] else "–" for d in results["domains"]]
             o = rec["overall"]["bpb"]
             cells += [f"**{o:.4f}**" if o == best else f"{o:.4f}", f"{rec['overall']['ppl']:.2f}"]
@@ -393,8 +591,9 @@ def write_report(run_dir: str | Path) -> Path:
         doc.img(plot_bpb(results, out / "bpb.png"), "Bits per byte per domain for every model")
         ref = _reference(results)
         if ref and len(results["models"]) > 1:
+            ref_name = display_label(ref, results["models"][ref].get("kind"))
             doc.img(plot_bpb_delta(results, ref, out / "bpb_delta.png"),
-                    f"Change in bits per byte against {ref} (below zero is better)")
+                    f"Change in bits per byte against {ref_name} (below zero is better)")
 
     # Training.
     doc.h("Training")
@@ -405,16 +604,17 @@ def write_report(run_dir: str | Path) -> Path:
             logs[name] = (train, val)
     for name in ("fused", "clm"):
         if name not in logs:
-            doc.p(f"`train/{name}`: not run.")
+            doc.p(f"`train/{name}`: not run." if name == "fused" else f"`train/{name}` (the control, λ = 1): not run.")
     if logs:
         rows = []
         for name, (train, val) in logs.items():
-            rows.append([name, len(train), train[-1]["step"] if train else "–",
+            rows.append([display_label(name, name), len(train), train[-1]["step"] if train else "–",
                          f"{train[-1]['loss']:.4f}" if train else "–",
                          f"{val[-1]['eval_loss']:.4f}" if val else "–"])
         doc.table(["model", "logged steps", "last step", "last training loss", "last validation loss"], rows)
         doc.img(plot_losses(logs, out / "loss.png"),
-                "Training and validation loss, fused vs the λ = 1 control (the fused model's curve is the LM part)")
+                f"Training and validation loss, fused (thick solid line) vs the {CONTROL} (thin dashed line); "
+                "the fused model's training curve is the LM part of its loss")
 
     # Alignment diagnostics.
     doc.h("Alignment and vocabulary mapping")
@@ -436,14 +636,40 @@ def write_report(run_dir: str | Path) -> Path:
     if not timings:
         doc.p("No complete stage yet.")
     else:
-        doc.table(["artifact", "wall-clock"], [[n, _fmt_seconds(s)] for n, s in timings])
-        doc.p(f"Total: {_fmt_seconds(sum(s for _, s in timings))}.")
-        doc.img(plot_timings(timings, out / "timings.png"), "Wall-clock time per stage")
+        doc.table(["artifact", "wall-clock"],
+                  [[f"{n} (control, λ = 1)" if n == "train/clm" else n, _fmt_seconds(s)] for n, s in timings])
+        doc.p(f"Total: {_fmt_seconds(sum(s for _, s in timings))} of wall-clock time on this machine (from each "
+              "artifact's `manifest.json`; other work sharing the machine makes every stage slower; "
+              "pulling models is not included).")
+        shown = [(f"{n} (control)" if n == "train/clm" else n, t) for n, t in timings]
+        doc.img(plot_timings(shown, out / "timings.png"), "Wall-clock time per stage")
 
     md = out / "report.md"
     atomic_write_bytes(md, doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(f"lmfuse report: {run_dir.name}").encode())
+    for f in [md, out / "report.html", *out.glob("*.png")]:
+        _readable(f)
     return md
+
+
+def _readable(path: Path) -> None:
+    """Give a file the mode an ordinary `open()` would (0666 less the umask: 0644 under 022).
+
+    The atomic writes go through `tempfile.mkstemp`, which creates files 0600.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fmt(v: float | None) -> str:
