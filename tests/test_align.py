@@ -12,16 +12,24 @@ from hypothesis import strategies as st
 
 from lmfuse import extract, prepare
 from lmfuse.align import (
+    DROPPED_PREFIX,
     AlignContext,
     BlockTokens,
+    TextContext,
+    align_block,
     align_dtw,
     align_offsets,
     artifact,
     boundary_ends,
+    char_byte_offsets,
     check_extractions,
+    flat_bytes,
     map_topk,
     run_align,
+    sequence_quality,
+    span_exact,
     span_nll,
+    unknown_tokens,
 )
 from lmfuse.artifacts import read_manifest
 from lmfuse.config import (
@@ -171,7 +179,7 @@ def test_map_topk_merges_drops_and_pads():
     ids = np.array([[0, 2, 3, 1], [4, 3, 0, -1]], dtype=np.int32)
     lp = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.1, 1.0]])).astype(np.float16)
     lp[1, 3] = -np.inf
-    out_ids, out_lp = map_topk(ids, lp, np.array([0, -1, 1]), vmap)
+    out_ids, out_lp, _ = map_topk(ids, lp, np.array([0, -1, 1]), vmap)
     assert out_ids.dtype == np.int32 and out_lp.dtype == np.float16
     assert out_ids.tolist() == [[10, 11, -1, -1], [-1, -1, -1, -1], [12, 10, -1, -1]]
     p = np.exp(out_lp.astype(np.float64))
@@ -186,6 +194,98 @@ def test_span_nll_sums_the_source_tokens_of_each_target_token():
     # Target BOS (end 0): its span holds the source's unscored first token -> NaN.
     out = span_nll(np.array([0, 5, 11]), np.array([5, 9, 11]), np.array([0.5, 0.25]))
     assert np.isnan(out[0]) and out[1] == 0.75
+
+
+# -- the token rule (docs/alignment.md, "Tokenizer-correct targets") --------------------------------
+# Target vocabulary: bytes of each id; source vocabulary and its map into the target's.
+TGT_VOCAB = [b"", b" Lic", b" Licensed", b" under", b" L", b" License", b"A"]
+SRC_VOCAB = [b"", b" Lic", b" Licensed", b" Lichen", b" License", b" under", b" L", b" under the"]
+SRC_TO_TGT = np.array([-1, 1, 2, 1, 5, 3, 4, 3], dtype=np.int32)  # " Lichen" -> " Lic", " under the" -> " under"
+
+
+def _rule_case():
+    """Text "A Licensed under": target tokens "A" | " Licensed" | " under" (ids 6, 2, 3).
+
+    The source's distribution at target position 0 (after "A") and at position 1 (after "A Licensed").
+    """
+    text = "A Licensed under"
+    tgt_ids = np.array([6, 2, 3])
+    tgt_end = np.array([1, 10, 16])
+    src_ids = np.array([[1, 2, 3, 4, 5, 6, 0, -1], [7, 5, 1, -1, -1, -1, -1, -1]])
+    p = np.array([[0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.0], [0.5, 0.3, 0.1, 0, 0, 0, 0, 0]])
+    lp = np.where(src_ids >= 0, np.log(np.where(p > 0, p, 1.0)), -np.inf)
+    ctx = TextContext(*flat_bytes(SRC_VOCAB), *flat_bytes(TGT_VOCAB), np.frombuffer(text.encode(), np.uint8),
+                      char_byte_offsets(text)[tgt_end], np.append(tgt_ids[1:], -1))
+    return src_ids, lp, ctx
+
+
+def _dense_row(ids, lps):
+    return {int(i): round(float(np.exp(np.float64(v))), 3) for i, v in zip(ids, lps) if i >= 0}
+
+
+def test_map_rule_puts_mass_on_tokens_the_target_would_not_write_and_counts_it():
+    src_ids, lp, ctx = _rule_case()
+    ids, lps, st = map_topk(src_ids, lp, np.array([0, 1, -1]), SRC_TO_TGT, "map", ctx)
+    # " Lic" and " Lichen" both land on " Lic" (.5), a token the target never writes before "ensed".
+    assert _dense_row(ids[0], lps[0]) == {1: 0.5, 2: 0.2, 5: 0.1, 3: 0.05, 4: 0.05}
+    assert st[0, 0] == pytest.approx(0.95) and st[0, 1] == pytest.approx(0.9)  # [UNK] is unmapped
+    # Not-target-token mass: " Lic" .5 + " License" .1 + " L" .05 (proper prefixes of " Licensed").
+    assert st[0, 2] == pytest.approx(0.65)
+    assert st[0, 3] == 0 and st[0, 4] == 0
+
+
+def test_consistent_rule_each_branch():
+    src_ids, lp, ctx = _rule_case()
+    ids, lps, st = map_topk(src_ids, lp, np.array([0, 1, -1]), SRC_TO_TGT, "consistent", ctx)
+    # Position 0, text after it " Licensed under", gold " Licensed" (id 2):
+    #  " Lic", " License", " L": shorter and agree with the text -> gold;   .4 + .1 + .05 moved
+    #  " Licensed": is the gold token -> gold;                              .2
+    #  " Lichen": disagrees, maps to " Lic" (a prefix of the gold) -> dropped  .1
+    #  " under": disagrees, maps to a token the target may write -> kept      .05
+    #  [UNK]: dropped.
+    assert _dense_row(ids[0], lps[0]) == {2: 0.75, 3: 0.05}
+    assert st[0, 3] == pytest.approx(0.55) and st[0, 4] == pytest.approx(0.1)
+    # Position 1, text after it " under" (the block ends), gold " under" (id 3):
+    #  " under the" runs past the block but agrees as far as it goes -> gold; " Lic" disagrees and is
+    #  no prefix of " under" -> kept.
+    assert _dense_row(ids[1], lps[1]) == {3: 0.8, 1: 0.1}
+    # Unaligned position: padding.
+    assert np.all(ids[2] == -1)
+
+
+def test_consistent_rule_needs_the_text():
+    src_ids, lp, _ = _rule_case()
+    with pytest.raises(LmfuseError, match="consistent"):
+        map_topk(src_ids, lp, np.array([0, 1, -1]), SRC_TO_TGT, "consistent", None)
+    assert DROPPED_PREFIX == 2
+
+
+def test_span_exact_needs_both_boundaries():
+    # Target ends 1, 10, 16; source ends 1, 4, 10, 16: the spans (1, 10] and (10, 16] are both exact.
+    assert span_exact(np.array([1, 10, 16]), np.array([1, 4, 10, 16])).tolist() == [1, 1]
+    # Source ends 1, 12, 16: no source boundary at 10, so neither span is exact.
+    assert span_exact(np.array([1, 10, 16]), np.array([1, 12, 16])).tolist() == [0, 0]
+
+
+def test_unknown_tokens_are_neither_aligned_nor_scored():
+    # Text "ab αβγ cd": source "ab" | [UNK] (" αβγ") | " cd"; target "ab" | " αβγ" | " cd".
+    text = "ab αβγ cd"
+    src = BlockTokens(np.array([5, 0, 6]), np.array([0, 2, 6]), np.array([2, 6, 9]))
+    tgt = BlockTokens(np.array([1, 2, 3]), np.array([0, 2, 6]), np.array([2, 6, 9]))
+    empty = np.array([True] + [False] * 7)  # source id 0 stands for no text: [UNK]
+    unk = unknown_tokens(src, empty)
+    assert unk.tolist() == [False, True, False]
+    ce = np.array([0.7, 0.2], dtype=np.float32)  # NLL of [UNK] (token 1) and " cd" (token 2)
+    res = align_block("offsets", tgt, src, np.zeros((3, 1), int), np.zeros((3, 1), np.float16), ce,
+                      np.arange(8, dtype=np.int32), AlignContext(src_empty=empty))
+    # Position 0 would predict the [UNK]: not aligned. Position 1 (after the [UNK]) predicts " cd".
+    assert res["aligned"].tolist() == [0, 1, 1]
+    assert np.isnan(res["span_nll"][0]) and res["span_nll"][1] == pytest.approx(0.2)
+    assert res["span_exact"].tolist() == [0, 1]
+    # Quality over the 10 bytes after "ab": the [UNK]'s 7 bytes (" αβγ") cost 8 bits each on top of
+    # its NLL; without the charge the model that spells nothing would look best.
+    assert sequence_quality(text, src.end, ce, unk) == (pytest.approx(0.9 + 7 * np.log(256)), 10)
+    assert sequence_quality(text, src.end, ce, None) == (pytest.approx(0.9), 10)
 
 
 # -- the stage --------------------------------------------------------------------------------------
@@ -239,8 +339,9 @@ def _write_extract(cfg, name, texts, seed=0, block_ids=None):
             cols["block_id"].append(block_ids[r])
             for c in ("input_ids", "offset_start", "offset_end"):
                 cols[c].append(encs[r][c])
-            cols["topk_ids"].append(rng.integers(0, len(tok), T * k).tolist())
-            cols["topk_logprobs"].append(np.log(p).astype(np.float16).reshape(-1).tolist())
+            cols["dist_len"].append([k] * T)
+            cols["dist_ids"].append(rng.integers(0, len(tok), T * k).tolist())
+            cols["dist_logprobs"].append(np.log(p).astype(np.float16).reshape(-1).tolist())
             cols["token_ce"].append(ce.tolist())
             cols["seq_ce"].append(float(ce.mean()))
             cols["nll_sum"].append(float(ce.astype(np.float64).sum()))
@@ -336,3 +437,37 @@ def test_dtw_context_is_required():
     b = BlockTokens(np.array([1]), np.array([0]), np.array([1]))
     with pytest.raises(LmfuseError):
         METHODS.get("dtw")(b, b, AlignContext())
+
+
+def test_a_source_that_spells_unknown_text_as_unk_no_longer_wins_minCE(tmp_path):
+    """A random WordPiece source writes most of a Unicode text as [UNK]; per byte it looked far
+    better than a random byte-level target (its [UNK]s cost one token NLL for many bytes)."""
+    from lmfuse.extract import run_extract
+    from lmfuse.fusion import min_ce
+    from lmfuse.prepare import run_prepare
+
+    models = {k: str(make_tiny_model(tmp_path / k, k, seed=i)) for i, k in enumerate(("bpe", "wordpiece"))}
+    texts = ["Привет, мир! Καλημέρα; κόσμε. Съешь же ещё этих мягких булок, да выпей чаю.",
+             "Ξεσκεπάζω τὴν ψυχοφθόρα βδελυγμία. Текст: данные, слова; λέξεις!"]
+    corpus = tmp_path / "uni.jsonl"
+    corpus.write_text("".join(json.dumps({"domain": "uni", "text": texts[i % 2] + " " + texts[(i + 1) % 2]}) + "\n"
+                              for i in range(4)))
+    cfg = FuseConfig(output_dir=str(tmp_path / "run"), target=ModelSpec(name="tgt", path=models["bpe"], dtype="float32"),
+                     sources=[ModelSpec(name="wp", path=models["wordpiece"], dtype="float32")],
+                     corpus=CorpusConfig(path=str(corpus)), extract=ExtractConfig(top_k=5, shard_size=4))
+    quiet = {"log": lambda *_: None}
+    run_prepare(cfg, **quiet)
+    for name in ("tgt", "wp"):
+        run_extract(cfg, name, progress=False, **quiet)
+    run_vocab_map(cfg, "wp", **quiet)
+    run_align(cfg, "wp", **quiet)
+    tgt, src, al = (extract.artifact(cfg, "tgt").load(), extract.artifact(cfg, "wp").load(),
+                    artifact(cfg, "wp").load())
+    for r in range(len(al)):
+        assert sum(np.array(src[r]["input_ids"]) == 0) >= 8  # [UNK] is id 0: UNK-heavy indeed
+        target_q = tgt[r]["nll_sum"] / tgt[r]["scored_bytes"]
+        naive_q = src[r]["nll_sum"] / src[r]["scored_bytes"]  # what the quality was before
+        assert naive_q < target_q / 3  # the artefact: the source that cannot spell looked 3x better
+        assert al[r]["nll_per_byte"] > target_q  # charged for what it hid, it no longer wins
+        w = min_ce(np.array([[target_q], [al[r]["nll_per_byte"]]]), np.ones((2, 1), bool), None)
+        assert w[:, 0].tolist() == [1.0, 0.0]

@@ -39,7 +39,7 @@ def test_min_ce_sequence_level_picks_best(n):
     ids, lp = _cands(n)
     q = np.array([3.0, 1.0, 2.0, 0.5, 4.0])[:n]
     gold = np.array([7, 7, -1])
-    fi, fp = fuse(ids, lp, np.ones((n, 3), bool), q, gold, "minCE")
+    fi, fp, *_ = fuse(ids, lp, np.ones((n, 3), bool), q, gold, "minCE")
     best = int(np.argmin(q))
     d = _dense(fi, fp)
     for t in range(3):
@@ -49,7 +49,7 @@ def test_min_ce_sequence_level_picks_best(n):
 
 def test_min_ce_ties_go_to_lowest_index():
     ids, lp = _cands(3, T=1)
-    fi, fp = fuse(ids, lp, np.ones((3, 1), bool), np.array([2.0, 1.0, 1.0]), np.array([9]), "minCE")
+    fi, fp, *_ = fuse(ids, lp, np.ones((3, 1), bool), np.array([2.0, 1.0, 1.0]), np.array([9]), "minCE")
     assert set(fi[0][fp[0] > 0]) == {2, 3}
 
 
@@ -57,7 +57,7 @@ def test_min_ce_ties_go_to_lowest_index():
 def test_avg_ce_sequence_level_reference_weights(n):
     ids, lp = _cands(n, T=2)
     q = np.array([1.0, 2.0, 0.5, 3.0, 1.5])[:n]
-    fi, fp = fuse(ids, lp, np.ones((n, 2), bool), q, np.array([0, -1]), "avgCE")
+    fi, fp, *_ = fuse(ids, lp, np.ones((n, 2), bool), q, np.array([0, -1]), "avgCE")
     w = np.exp(np.exp(-q)) / np.exp(np.exp(-q)).sum()  # softmax over exp(−CE), as the reference
     d = _dense(fi, fp)
     for i in range(n):
@@ -68,7 +68,7 @@ def test_avg_ce_sequence_level_reference_weights(n):
 def test_avg_ce_softmax_neg_weighting():
     ids, lp = _cands(2, T=1)
     q = np.array([1.0, 3.0])
-    fi, fp = fuse(ids, lp, np.ones((2, 1), bool), q, np.array([0]), "avgCE",
+    fi, fp, *_ = fuse(ids, lp, np.ones((2, 1), bool), q, np.array([0]), "avgCE",
                   FusionOptions(avgce_weighting="softmax_neg"))
     d = _dense(fi, fp)
     w0 = 1 / (1 + math.exp(-2.0))
@@ -82,9 +82,9 @@ def test_token_level_min_ce_and_avg_ce():
     q = np.array([[1.0, 3.0, 1.0], [2.0, 0.5, 0.1]])
     aligned = np.array([[1, 1, 1], [1, 1, 0]], bool)
     gold = np.array([5, 6, 7])
-    d = _dense(*fuse(ids, lp, aligned, q, gold, "minCE"))
+    d = _dense(*fuse(ids, lp, aligned, q, gold, "minCE")[:2])
     assert d[0, 0] == pytest.approx(0.5) and d[1, 2] == pytest.approx(0.5) and d[2, 0] == pytest.approx(0.5)
-    d = _dense(*fuse(ids, lp, aligned, q, gold, "avgCE"))
+    d = _dense(*fuse(ids, lp, aligned, q, gold, "avgCE")[:2])
     for t in range(2):
         s = np.exp(np.exp(-q[:, t]))
         w = s / s.sum()
@@ -96,7 +96,7 @@ def test_no_candidate_aligned_gives_gold_one_hot():
     ids, lp = _cands(2)
     aligned = np.array([[0, 1, 0], [0, 0, 0]], bool)
     gold = np.array([11, 12, -1])
-    fi, fp = fuse(ids, lp, aligned, np.array([1.0, 2.0]), gold, "avgCE")
+    fi, fp, *_ = fuse(ids, lp, aligned, np.array([1.0, 2.0]), gold, "avgCE")
     d = _dense(fi, fp)
     assert d[0, 11] == 1.0 and d[0].sum() == pytest.approx(1.0)
     assert d[1, 0] == pytest.approx(0.5)
@@ -107,10 +107,10 @@ def test_outside_topk_gold_and_temperature():
     ids = np.array([[[3, 4]]])
     lp = LOG(np.array([[[0.5, 0.3]]]))
     d = _dense(*fuse(ids, lp, np.ones((1, 1), bool), np.array([1.0]), np.array([4]), "minCE",
-                     FusionOptions(outside_topk="gold")))
+                     FusionOptions(outside_topk="gold"))[:2])
     assert d[0, 3] == pytest.approx(0.5) and d[0, 4] == pytest.approx(0.5)  # 0.3 + 0.2 outside
     d = _dense(*fuse(ids, lp, np.ones((1, 1), bool), np.array([1.0]), np.array([4]), "minCE",
-                     FusionOptions(temperature=2.0)))
+                     FusionOptions(temperature=2.0))[:2])
     a, b = math.sqrt(0.5), math.sqrt(0.3)
     assert d[0, 3] == pytest.approx(a / (a + b))
 
@@ -118,14 +118,14 @@ def test_outside_topk_gold_and_temperature():
 def test_candidate_probs_gold_without_gold_token_renormalizes():
     ids = np.array([[[1, -1]]])
     lp = np.array([[[LOG(0.5), -np.inf]]])
-    ci, cp = candidate_probs(ids, lp, np.array([-1]), FusionOptions(outside_topk="gold"))
+    ci, cp, _ = candidate_probs(ids, lp, np.array([-1]), FusionOptions(outside_topk="gold"))
     assert cp[0, 0, 0] == pytest.approx(1.0) and cp[0, 0].sum() == pytest.approx(1.0)
 
 
 def test_duplicates_merged_across_candidates():
     ids = np.array([[[1, 2]], [[2, 3]]])
     lp = LOG(np.array([[[0.5, 0.5]], [[0.5, 0.5]]]))
-    fi, fp = fuse(ids, lp, np.ones((2, 1), bool), np.array([1.0, 1.0]), np.array([0]), "avgCE")
+    fi, fp, *_ = fuse(ids, lp, np.ones((2, 1), bool), np.array([1.0, 1.0]), np.array([0]), "avgCE")
     assert list(fi[0]) == [1, 2, 3]
     assert fp[0].tolist() == pytest.approx([0.25, 0.5, 0.25])
 
@@ -142,3 +142,48 @@ def test_shape_mismatch_is_a_clear_error():
     ids, lp = _cands(2)
     with pytest.raises(LmfuseError, match="shape"):
         fuse(ids, lp, np.ones((2, 4), bool), np.array([1.0, 2.0]), np.array([0, 0, 0]))
+
+
+def test_rest_rule_keeps_outside_mass_as_a_bucket_mixed_by_weight():
+    # Candidate 0: ids (0, 1) at .4/.4 (rest .2); candidate 1: ids (2, 3) at .3/.1 (rest .6).
+    ids = np.array([[[0, 1]], [[2, 3]]])
+    lp = LOG(np.array([[[0.4, 0.4]], [[0.3, 0.1]]]))
+    q = np.array([1.0, 1.0])  # equal quality: avgCE gives equal weights with softmax over −q
+    out = fuse(ids, lp, np.ones((2, 1), bool), q, np.array([3]), "avgCE",
+               FusionOptions(outside_topk="rest", avgce_weighting="softmax_neg"))
+    d = _dense(out.ids, out.probs)
+    assert d[0, :4] == pytest.approx([0.2, 0.2, 0.15, 0.05])
+    assert out.rest[0] == pytest.approx(0.4)
+    assert d[0].sum() + out.rest[0] == pytest.approx(1.0)
+    # minCE: the better candidate's rest only; no usable candidate: one-hot on gold, rest 0.
+    out = fuse(ids, lp, np.array([[True], [False]]), q, np.array([3]), "minCE", FusionOptions(outside_topk="rest"))
+    assert out.rest[0] == pytest.approx(0.2)
+    out = fuse(ids, lp, np.zeros((2, 1), bool), q, np.array([3]), "minCE", FusionOptions(outside_topk="rest"))
+    assert out.rest[0] == 0.0 and _dense(out.ids, out.probs)[0, 3] == 1.0
+
+
+def test_a_sampled_distribution_is_the_same_under_every_tail_rule():
+    # Counts 40/24 of 64 draws: stored probabilities sum to 1, nothing lies outside.
+    ids = np.array([[[5, 7]]])
+    lp = LOG(np.array([[[40 / 64, 24 / 64]]]))
+    outs = [fuse(ids, lp, np.ones((1, 1), bool), np.array([1.0]), np.array([7]), "minCE",
+                 FusionOptions(outside_topk=rule)) for rule in ("renormalize", "gold", "rest")]
+    for o in outs:
+        assert _dense(o.ids, o.probs)[0, [5, 7]] == pytest.approx([40 / 64, 24 / 64])
+        assert o.rest[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_span_target_mixes_the_candidates_that_scored_the_gold_text():
+    ids, lp = _cands(2, T=3)
+    span_ll = LOG(np.array([[0.5, 0.5, 0.5], [0.2, np.nan, 0.9]]))  # source 1 has no exact span at t=1
+    gold = np.array([1, 2, -1])  # no gold token at the last position: no span target
+    q = np.array([2.0, 1.0])  # source 1 is better
+    out = fuse(ids, lp, np.ones((2, 3), bool), q, gold, "minCE", span_ll=span_ll)
+    assert out.span[0] == pytest.approx(0.2)  # minCE: the better candidate's text probability
+    assert out.span[1] == pytest.approx(0.5)  # only candidate 0 scored the text there
+    assert np.isnan(out.span[2])
+    out = fuse(ids, lp, np.ones((2, 3), bool), q, gold, "avgCE", FusionOptions(avgce_weighting="softmax_neg"),
+               span_ll=span_ll)
+    w1 = math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0))
+    assert out.span[0] == pytest.approx(w1 * 0.2 + (1 - w1) * 0.5)
+    assert np.isnan(fuse(ids, lp, np.ones((2, 3), bool), q, gold, "minCE").span).all()

@@ -87,8 +87,8 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
         al = ArtifactDir(run / "align" / f"src{s}", "align", f"a{s}",
                          {"extract_target": "e-" + target_name, "extract_source": f"e-src{s}", "vocab_map": "v"})
         al.begin()
-        acol = {k: [] for k in ("aligned", "topk_ids", "topk_logprobs", "token_ce", "span_nll", "seq_ce",
-                                "nll_per_byte")}
+        acol = {k: [] for k in ("aligned", "topk_ids", "topk_logprobs", "token_ce", "span_nll", "span_exact",
+                                "seq_ce", "nll_per_byte")}
         for e in enc:
             ids = np.asarray(e["input_ids"])
             T = len(ids)
@@ -103,11 +103,13 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
             acol["topk_logprobs"].append(tlp.ravel())
             acol["token_ce"].append(ce)
             acol["span_nll"].append(rng.uniform(0.5, 3, size=T - 1).astype(np.float32))
+            acol["span_exact"].append((aligned[:-1] & aligned[1:]).astype(np.uint8))
             acol["seq_ce"].append(float(np.nanmean(ce)))
             acol["nll_per_byte"].append(float(rng.uniform(0.5, 1.5)))
         atypes = {"aligned": pa.list_(pa.uint8()), "topk_ids": pa.list_(pa.int32()),
                   "topk_logprobs": pa.list_(pa.float16()), "token_ce": pa.list_(pa.float32()),
-                  "span_nll": pa.list_(pa.float32()), "seq_ce": pa.float32(), "nll_per_byte": pa.float32()}
+                  "span_nll": pa.list_(pa.float32()), "span_exact": pa.list_(pa.uint8()), "seq_ce": pa.float32(),
+                  "nll_per_byte": pa.float32()}
         al.write_shard(0, pa.table({"block_id": pa.array(range(n_blocks), pa.int64()),
                                     **{k: pa.array(v, atypes[k]) for k, v in acol.items()}}))
         al.finish(rows=n_blocks, k=K)
@@ -149,6 +151,43 @@ def test_collator_builds_normalised_sparse_targets(tmp_path, target_dir, level, 
     has = labels != -100
     assert torch.allclose(sums[has], torch.ones_like(sums[has]), atol=1e-5)
     assert (tid[~has] == -1).all() or sums[~has].max() <= 1 + 1e-5
+
+
+def test_collator_rest_bucket_and_span_targets(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir, n_sources=2)
+    cfg = make_cfg(run, target_dir, n_sources=2, include_target=False)
+    data = BlockData(cfg, control=False)
+    items = [data.block(b) for b in data.train_ids[:3]]
+    batch = FusedCollator("avgCE", FusionOptions(outside_topk="rest"), 0, 10_000, span=True)(items)
+    has = batch["labels"] != -100
+    # Stored probabilities plus the rest bucket make one distribution at every labelled position.
+    total = batch["target_probs"].sum(-1) + batch["target_rest"]
+    assert torch.allclose(total[has], torch.ones_like(total[has]), atol=1e-5)
+    assert (batch["target_rest"][has] > 0).any()
+    # Span targets exist exactly where a source scored the gold token's text (span_exact).
+    span = batch["span_target"]
+    for b, it in enumerate(items):
+        exact = np.zeros(len(it["input_ids"]), bool)
+        for c in it["candidates"]:
+            exact |= np.isfinite(c.span_ll)
+        n = len(it["input_ids"])
+        assert np.array_equal(torch.isfinite(span[b, :n]).numpy(), exact)
+        assert ((span[b, :n][torch.isfinite(span[b, :n])] > 0) & (span[b, :n][torch.isfinite(span[b, :n])] <= 1)).all()
+    # Without the options, neither is built.
+    plain = FusedCollator("avgCE", FusionOptions(), 0, 10_000)(items)
+    assert "target_rest" not in plain and "span_target" not in plain
+
+
+def test_rest_and_span_train_end_to_end(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, max_steps=6, outside_topk="rest", span_weight=0.5, logits_chunk_size=4)
+    run_train(cfg)
+    train = [r for r in _log(run / "train" / "fused") if "loss" in r]
+    assert all(np.isfinite([r["loss"], r["fusion"], r["span"]]).all() and r["span"] > 0 for r in train)
+    # total = λ·clm + (1 − λ)·fusion + μ·span
+    for r in train:
+        assert r["loss"] == pytest.approx(0.5 * r["clm"] + 0.5 * r["fusion"] + 0.5 * r["span"], rel=1e-5)
+    assert train[-1]["loss"] < train[0]["loss"]
 
 
 def test_end_to_end_loss_decreases_and_model_loads(tmp_path, target_dir):

@@ -20,7 +20,6 @@ The source's top-k ids are then mapped into the target vocabulary (`map_topk`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ SCHEMA = pa.schema([
     ("topk_logprobs", pa.list_(pa.float16())),
     ("token_ce", pa.list_(pa.float32())),
     ("span_nll", pa.list_(pa.float32())),
+    ("span_exact", pa.list_(pa.uint8())),
     ("seq_ce", pa.float32()),
     ("nll_per_byte", pa.float32()),
 ])
@@ -219,32 +219,82 @@ def align_dtw(tgt_texts: list[str], src_texts: list[str], band: int = 64) -> np.
     return _dtw_kernel(s_cp, s_off, t_cp, t_off, w)
 
 
-# -- top-k mapping ------------------------------------------------------------------------------
+# -- mapping distributions ----------------------------------------------------------------------
+# What happened to a stored source entry at an aligned position (`map_topk`'s `branch` output).
+KEPT, TO_GOLD, DROPPED_PREFIX, UNMAPPED_ENTRY = 0, 1, 2, 3
+
+
 @njit(cache=True, nogil=True)
-def _map_topk_kernel(src_ids, src_lp, src_index, vmap, out_ids, out_lp):
+def _startswith(a, a0, a1, b, b0, b1):
+    """Whether bytes a[a0:a1] start with b[b0:b1] (False when b is longer)."""
+    n = b1 - b0
+    if n > a1 - a0:
+        return False
+    for i in range(n):  # noqa: SIM110 (numba compiles loops, not generator expressions)
+        if a[a0 + i] != b[b0 + i]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _map_kernel(src_ids, src_lp, src_index, vmap, gold, rule, unk_id,
+                s_bytes, s_off, t_bytes, t_off, text, tpos, out_ids, out_lp, stats):
     T, k = out_ids.shape
     V = len(vmap)
+    has_text = len(t_off) > 1
     ids = np.empty(k, dtype=np.int64)
     lps = np.empty(k, dtype=np.float64)
     for t in range(T):
         s = src_index[t]
         if s < 0:
             continue
+        g = gold[t]
+        # The gold token's bytes and where they sit in the block text.
+        g0 = g1 = 0
+        if has_text and g >= 0:
+            g0, g1 = t_off[g], t_off[g + 1]
+        c0, c1 = tpos[t] if has_text else 0, len(text)
         n = 0
         for r in range(src_ids.shape[1]):
             sid = src_ids[s, r]
             lp = src_lp[s, r]
             if sid < 0 or sid >= V or not np.isfinite(lp):
                 continue
+            p = np.exp(lp)
+            stats[t, 0] += p  # source mass stored
             tid = vmap[sid]
+            # Mapped to a token the target would not write here: a proper, non-empty prefix of the
+            # gold token's text (the target tokenizer wrote the longer gold token for this text).
+            prefix_of_gold = False
+            if has_text and g >= 0 and tid >= 0 and tid != g:
+                b0, b1 = t_off[tid], t_off[tid + 1]
+                prefix_of_gold = 0 < b1 - b0 < g1 - g0 and _startswith(t_bytes, g0, g1, t_bytes, b0, b1)
+            if tid >= 0:
+                stats[t, 1] += p  # mapped
+                if prefix_of_gold:
+                    stats[t, 2] += p  # mapped to a token the target would not write here
+            if rule == 1 and has_text and g >= 0:
+                a0, a1 = s_off[sid], s_off[sid + 1]
+                if sid == unk_id:
+                    tid = -1
+                elif a1 > a0:
+                    # Does the text that follows start with the candidate (as far as the block goes)?
+                    m = min(a1 - a0, c1 - c0)
+                    if m > 0 and _startswith(text, c0, c1, s_bytes, a0, a0 + m):
+                        if tid != g:
+                            stats[t, 3] += p  # moved to the gold token
+                        tid = g
+                    elif prefix_of_gold:
+                        stats[t, 4] += p  # dropped: it would need a token the target does not write here
+                        tid = -1
             if tid < 0:
                 continue
             q = 0
             while q < n and ids[q] != tid:
                 q += 1
             if q < n:  # duplicate target id: log-sum-exp
-                m = max(lps[q], lp)
-                lps[q] = m + np.log(np.exp(lps[q] - m) + np.exp(lp - m))
+                mx = max(lps[q], lp)
+                lps[q] = mx + np.log(np.exp(lps[q] - mx) + np.exp(lp - mx))
             else:
                 ids[n] = tid
                 lps[n] = lp
@@ -264,46 +314,112 @@ def _map_topk_kernel(src_ids, src_lp, src_index, vmap, out_ids, out_lp):
             out_lp[t, a] = lps[a]
 
 
+@dataclass(frozen=True)
+class TextContext:
+    """What the `consistent` token rule and the tokenization diagnostics need for one block.
+
+    Attributes:
+        src_bytes, src_off: source token bytes, flat uint8 [N] + offsets int64 [V_src + 1].
+        tgt_bytes, tgt_off: target token bytes, flat uint8 [M] + offsets int64 [V_tgt + 1].
+        text: the block's UTF-8 bytes, uint8 [B].
+        tpos: int64 [T] byte offset in `text` where the text after target position t starts.
+        gold: int64 [T] target gold next token (−1 at the last position).
+    """
+
+    src_bytes: np.ndarray
+    src_off: np.ndarray
+    tgt_bytes: np.ndarray
+    tgt_off: np.ndarray
+    text: np.ndarray
+    tpos: np.ndarray
+    gold: np.ndarray
+
+
+def flat_bytes(tokens: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Token bytes as one flat uint8 array + offsets int64 [V + 1], for the compiled kernels."""
+    off = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in tokens], out=off[1:])
+    return np.frombuffer(b"".join(tokens), dtype=np.uint8).copy(), off
+
+
+def char_byte_offsets(text: str) -> np.ndarray:
+    """int64 [len(text) + 1]: the UTF-8 byte offset of every character offset."""
+    cp = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    n = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    out = np.zeros(len(cp) + 1, dtype=np.int64)
+    np.cumsum(n, out=out[1:])
+    return out
+
+
 def map_topk(src_ids: np.ndarray, src_logprobs: np.ndarray, src_index: np.ndarray,
-             vocab_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Source top-k rows, taken at the aligned positions and mapped into the target vocabulary.
+             vocab_map: np.ndarray, rule: str = "map", text_ctx: TextContext | None = None,
+             unk_id: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source distributions, taken at the aligned positions and mapped into the target vocabulary.
 
     Unmapped ids are dropped; ids that map to the same target id are merged by log-sum-exp;
     rows are sorted by log-prob (descending, then id) and padded with -1 / -inf.
 
+    With `rule="consistent"` (needs `text_ctx`), a stored source token whose bytes agree with
+    the text that follows (up to the block's end) goes to the gold target token, whatever it
+    maps to; otherwise a token mapped to a proper prefix of the gold token's text (a token the
+    target tokenizer does not write here) is dropped, and the source's unknown token is dropped.
+    See docs/alignment.md for worked examples.
+
     Args:
-        src_ids: int32 [S, k] source top-k ids (-1 = padding).
+        src_ids: int [S, k] source ids (-1 = padding).
         src_logprobs: float16/float32 [S, k] their log-probs.
         src_index: int [T] source position for each target position, -1 = none.
         vocab_map: int32 [V_src] source id -> target id, -1 = unmapped.
+        rule: "map" or "consistent".
+        text_ctx: the block's bytes and token bytes (needed by "consistent" and the diagnostics).
+        unk_id: the source's unknown-token id (-1 = none).
 
     Returns:
-        (ids int32 [T, k], logprobs float16 [T, k]); rows with `src_index` -1 are all padding.
+        (ids int32 [T, k], logprobs float16 [T, k], stats float64 [T, 5]): rows with
+        `src_index` -1 are all padding; stats per position = source mass stored, mass mapped,
+        mass mapped to a token the target would not write there (a proper prefix of the gold
+        token; 0 without `text_ctx`), mass moved to the gold token, mass dropped by the rule.
     """
+    if rule not in ("map", "consistent"):
+        raise LmfuseError(f"unknown token rule {rule!r}", where="align.token_rule", fix="use 'map' or 'consistent'")
+    if rule == "consistent" and text_ctx is None:
+        raise LmfuseError("the `consistent` token rule needs the block text and both token tables")
     src_ids = np.ascontiguousarray(src_ids, dtype=np.int64)
     src_lp = np.ascontiguousarray(src_logprobs, dtype=np.float64)
     src_index = np.ascontiguousarray(src_index, dtype=np.int64)
     k = src_ids.shape[1] if src_ids.ndim == 2 else 0
-    out_ids = np.full((len(src_index), k), -1, dtype=np.int64)
-    out_lp = np.full((len(src_index), k), -np.inf, dtype=np.float64)
-    if k and len(src_index):
-        _map_topk_kernel(src_ids, src_lp, src_index, np.ascontiguousarray(vocab_map, dtype=np.int64),
-                         out_ids, out_lp)
-    return out_ids.astype(np.int32), out_lp.astype(np.float16)
+    T = len(src_index)
+    out_ids = np.full((T, k), -1, dtype=np.int64)
+    out_lp = np.full((T, k), -np.inf, dtype=np.float64)
+    stats = np.zeros((T, 5), dtype=np.float64)
+    if k and T:
+        c = text_ctx
+        empty_u8, zero_off = np.zeros(0, np.uint8), np.zeros(1, np.int64)
+        _map_kernel(src_ids, src_lp, src_index, np.ascontiguousarray(vocab_map, dtype=np.int64),
+                    np.full(T, -1, np.int64) if c is None else np.ascontiguousarray(c.gold, dtype=np.int64),
+                    1 if rule == "consistent" else 0, int(unk_id),
+                    empty_u8 if c is None else c.src_bytes, zero_off if c is None else c.src_off,
+                    empty_u8 if c is None else c.tgt_bytes, zero_off if c is None else c.tgt_off,
+                    empty_u8 if c is None else c.text, np.zeros(T, np.int64) if c is None else c.tpos,
+                    out_ids, out_lp, stats)
+    return out_ids.astype(np.int32), out_lp.astype(np.float16), stats
 
 
 # -- per-position source quality ----------------------------------------------------------------
-def span_nll(tgt_end: np.ndarray, src_end: np.ndarray, src_token_ce: np.ndarray) -> np.ndarray:
+def span_nll(tgt_end: np.ndarray, src_end: np.ndarray, src_token_ce: np.ndarray,
+             src_unk: np.ndarray | None = None) -> np.ndarray:
     """NLL the source gives to the text of each next target token.
 
     `span_nll[i]` sums the source's NLL of the source tokens whose end offset lies in
     `(tgt_end[i], tgt_end[i+1]]`. Source token m's NLL is `src_token_ce[m-1]`; the source's
-    first token is never scored, so a span that contains it is NaN.
+    first token is never scored, and an unknown token's NLL scores text the source never
+    predicted, so a span that contains either is NaN.
 
     Args:
         tgt_end: int [T] target end offsets (non-decreasing).
         src_end: int [S] source end offsets (non-decreasing).
         src_token_ce: float [S-1] source per-token CE.
+        src_unk: bool [S], the source's unknown tokens (None = none).
 
     Returns:
         float32 [T-1].
@@ -320,7 +436,59 @@ def span_nll(tgt_end: np.ndarray, src_end: np.ndarray, src_token_ce: np.ndarray)
     hi = np.searchsorted(src_end, tgt_end[1:], side="right")
     out = cum[hi] - cum[lo]
     out[(lo == 0) & (hi > 0)] = np.nan
+    if src_unk is not None and np.any(src_unk):
+        n_unk = np.concatenate([[0], np.cumsum(np.asarray(src_unk, dtype=np.int64))])
+        out[n_unk[hi] > n_unk[lo]] = np.nan
     return out.astype(np.float32)
+
+
+def span_exact(tgt_end: np.ndarray, src_bound: np.ndarray) -> np.ndarray:
+    """Whether the source scored exactly the text of each next target token.
+
+    True at i when both ends of target token i+1 (`tgt_end[i]` and `tgt_end[i+1]`) are
+    source token boundaries: then `span_nll[i]` is the source's NLL of exactly that text.
+
+    Args:
+        tgt_end: int [T] target end offsets at real boundaries (`boundary_ends`), -1 elsewhere.
+        src_bound: int [S] source end offsets at real boundaries, -1 elsewhere.
+
+    Returns:
+        uint8 [T-1].
+    """
+    hit = align_offsets(tgt_end, src_bound) >= 0
+    return (hit[:-1] & hit[1:]).astype(np.uint8)
+
+
+def sequence_quality(text: str, end: np.ndarray, token_ce: np.ndarray,
+                     unk: np.ndarray | None = None) -> tuple[float, int]:
+    """A model's code length of a block, charging the text hidden in unknown tokens.
+
+    Tokens 1..S-1 are scored (token 0 has no context), each covering the text from the
+    previous token's end to its own. An unknown token (`[UNK]`, one id for text it cannot
+    spell) hides its bytes: its NLL says how likely *some* unknown text was, not this text.
+    Dividing by the predicted bytes only would still compare models over different bytes, so
+    every byte an unknown token covers is charged ln 256 nats (8 bits, the cost of spelling it
+    with a uniform byte model) on top of the token's NLL. Without unknown tokens this is the
+    plain NLL over `text[end[0]:]`.
+
+    Args:
+        text: the block text.
+        end: int [S] character end offsets of the tokens (non-decreasing).
+        token_ce: float [S-1] NLL of tokens 1..S-1.
+        unk: bool [S] unknown tokens, or None.
+
+    Returns:
+        (nll_sum in nats, scored_bytes = UTF-8 bytes of `text[end[0]:]`).
+    """
+    ce = np.asarray(token_ce, dtype=np.float64)
+    end = np.asarray(end, dtype=np.int64)
+    nbytes = len(text[int(end[0]):].encode("utf-8", errors="surrogatepass")) if len(end) else 0
+    nll = float(ce.sum())
+    if unk is not None and len(end) > 1 and np.any(unk[1:]):
+        b = char_byte_offsets(text)
+        m = np.flatnonzero(np.asarray(unk[1:], dtype=bool)) + 1
+        nll += math.log(256.0) * float(np.sum(b[end[m]] - b[end[m - 1]]))
+    return nll, nbytes
 
 
 def aligned_token_ce(src_index: np.ndarray, src_token_ce: np.ndarray) -> np.ndarray:
@@ -353,11 +521,25 @@ class BlockTokens:
 
 @dataclass(frozen=True)
 class AlignContext:
-    """What the methods may need beside the two blocks."""
+    """What the methods, the token rule and the diagnostics may need beside the two blocks.
+
+    Attributes:
+        tgt_texts, src_texts: token texts (`dtw` only).
+        band: `dtw` band half-width.
+        rule: the token rule, "map" or "consistent" (`map_topk`).
+        src_bytes, tgt_bytes: `flat_bytes` of both token tables (the `consistent` rule and the
+            tokenization diagnostics); None = not available.
+        src_empty: bool [V_src], source ids that stand for no text (special tokens): one of them
+            covering text is an unknown token.
+    """
 
     tgt_texts: list[str] | None = None
     src_texts: list[str] | None = None
     band: int = 64
+    rule: str = "map"
+    src_bytes: tuple[np.ndarray, np.ndarray] | None = None
+    tgt_bytes: tuple[np.ndarray, np.ndarray] | None = None
+    src_empty: np.ndarray | None = None
 
 
 AlignFn = Callable[[BlockTokens, BlockTokens, AlignContext], np.ndarray]
@@ -379,45 +561,96 @@ def _dtw(tgt: BlockTokens, src: BlockTokens, ctx: AlignContext) -> np.ndarray:
 METHODS_NEEDING_TEXTS = {"dtw"}
 
 
+def unknown_tokens(tokens: BlockTokens, empty: np.ndarray | None) -> np.ndarray:
+    """bool [S]: tokens that cover text but stand for none (`[UNK]`-like ids).
+
+    Args:
+        tokens: one model's tokens of a block.
+        empty: bool [V], ids that stand for no bytes (special tokens); None = no unknown tokens.
+    """
+    if empty is None:
+        return np.zeros(len(tokens.ids), dtype=bool)
+    ids = np.asarray(tokens.ids, dtype=np.int64)
+    ok = (ids >= 0) & (ids < len(empty))
+    return ok & empty[np.clip(ids, 0, len(empty) - 1)] & (np.asarray(tokens.end) > np.asarray(tokens.start))
+
+
+STAT_KEYS = ("positions", "aligned", "mass_source", "mass_mapped", "mass_exact", "mass_stored", "mass_not_target_token",
+             "mass_to_gold", "mass_dropped", "gold_positions", "gold_in_stored", "next_end_same")
+
+
 def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: np.ndarray,
                 src_topk_logprobs: np.ndarray, src_token_ce: np.ndarray, vocab_map: np.ndarray,
-                ctx: AlignContext, exact: np.ndarray | None = None) -> dict:
+                ctx: AlignContext, exact: np.ndarray | None = None, text: str | None = None) -> dict:
     """Align one block: everything `align/<source>` stores for it except block-level scalars.
+
+    A target position whose aligned source position predicts an unknown token is not aligned
+    (the source never predicted that text).
 
     Args:
         method: A name in `METHODS`.
         tgt: The target's tokens (T).
         src: The source's tokens (S).
-        src_topk_ids: int32 [S, k].
-        src_topk_logprobs: float16 [S, k].
+        src_topk_ids: int [S, k] the source's stored ids (-1 = padding).
+        src_topk_logprobs: float [S, k] their log-probs.
         src_token_ce: float32 [S-1].
         vocab_map: int32 [V_src].
-        ctx: Method context.
+        ctx: Method, token-rule and diagnostics context.
         exact: bool [V_src], source ids whose mapping is exact (same text); for diagnostics.
+        text: the block text (the `consistent` rule and the tokenization diagnostics need it).
 
     Returns:
         dict with `src_index` int64 [T], `aligned` uint8 [T], `topk_ids` int32 [T, k],
         `topk_logprobs` float16 [T, k], `token_ce` float32 [T-1], `span_nll` float32 [T-1],
-        and `mass_source`, `mass_mapped`, `mass_exact` (summed probability at aligned positions:
-        of the source's top-k, after mapping, and of the top-k ids whose mapping is exact).
+        `span_exact` uint8 [T-1], and `stats`: sums over the block for `STAT_KEYS` (masses are
+        summed probabilities at aligned positions: stored by the source, mapped by the vocab
+        map, mapped exactly, stored after the token rule, mapped onto a token the target would
+        not write there, moved to the gold token, dropped by the rule; counts of aligned
+        positions with a gold next token, of those whose gold token is stored, and of those
+        whose next source token ends where the target's does).
     """
-    idx = METHODS.get(method)(tgt, src, ctx)
-    ids, lps = map_topk(src_topk_ids, src_topk_logprobs, idx, vocab_map)
-    rows = idx[idx >= 0]
-    src_p = np.exp(src_topk_logprobs[rows].astype(np.float64))
-    out_p = np.exp(lps[idx >= 0].astype(np.float64))
-    ids_rows = src_topk_ids[rows]
+    idx = np.asarray(METHODS.get(method)(tgt, src, ctx), dtype=np.int64).copy()
+    S = len(src.ids)
+    unk = unknown_tokens(src, ctx.src_empty)
+    if unk.any():
+        nxt = np.clip(idx + 1, 0, S - 1)
+        idx[(idx >= 0) & (idx + 1 < S) & unk[nxt]] = -1
+    gold = np.append(np.asarray(tgt.ids[1:], dtype=np.int64), -1)
+    text_ctx = None
+    if text is not None and ctx.src_bytes is not None and ctx.tgt_bytes is not None:
+        tpos = char_byte_offsets(text)[np.clip(np.asarray(tgt.end, dtype=np.int64), 0, len(text))]
+        text_ctx = TextContext(*ctx.src_bytes, *ctx.tgt_bytes,
+                               np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8),
+                               tpos, gold)
+    ids, lps, st = map_topk(src_topk_ids, src_topk_logprobs, idx, vocab_map, ctx.rule, text_ctx)
+    al = idx >= 0
+    rows = idx[al]
+    src_p = np.exp(np.asarray(src_topk_logprobs, dtype=np.float64)[rows])
+    ids_rows = np.asarray(src_topk_ids)[rows]
     exact_p = src_p[(ids_rows >= 0) & exact[np.clip(ids_rows, 0, None)]] if exact is not None else src_p[:0]
+    sp = span_nll(tgt.end, src.end, src_token_ce, unk)
+    src_bound = boundary_ends(src.start, src.end)
+    exact_span = span_exact(boundary_ends(tgt.start, tgt.end), src_bound) & np.isfinite(sp)
+    with_gold = al & (gold >= 0)
+    stats = dict.fromkeys(STAT_KEYS, 0.0)
+    stats.update(
+        positions=len(tgt.ids), aligned=int(al.sum()), mass_source=float(st[:, 0].sum()),
+        mass_mapped=float(st[:, 1].sum()), mass_exact=float(np.nansum(exact_p)),
+        mass_stored=float(np.exp(lps[al].astype(np.float64)).sum()), mass_not_target_token=float(st[:, 2].sum()),
+        mass_to_gold=float(st[:, 3].sum()), mass_dropped=float(st[:, 4].sum()),
+        gold_positions=int(with_gold.sum()),
+        gold_in_stored=int((ids[with_gold] == gold[with_gold][:, None]).any(-1).sum()),
+        next_end_same=int(exact_span[with_gold[:-1]].sum()),
+    )
     return {
         "src_index": idx,
-        "aligned": (idx >= 0).astype(np.uint8),
+        "aligned": al.astype(np.uint8),
         "topk_ids": ids,
         "topk_logprobs": lps,
         "token_ce": aligned_token_ce(idx, src_token_ce),
-        "span_nll": span_nll(tgt.end, src.end, src_token_ce),
-        "mass_source": float(np.nansum(src_p)),
-        "mass_mapped": float(np.nansum(out_p)),
-        "mass_exact": float(np.nansum(exact_p)),
+        "span_nll": sp,
+        "span_exact": exact_span.astype(np.uint8),
+        "stats": stats,
     }
 
 
@@ -453,16 +686,24 @@ def _check_block(bid: int, text: str, blk: dict, name: str) -> None:
             where=where, fix="the blocks changed after extraction: rerun `lmfuse extract` with --overwrite")
 
 
+def _add_stats(acc: dict, st: dict) -> None:
+    for key in STAT_KEYS:
+        acc[key] = acc.get(key, 0) + st.get(key, 0)
+
+
 def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: list[dict], src_rows: list[dict],
-                vocab_map: np.ndarray, k: int, ctx: AlignContext, names: tuple[str, str],
+                vocab_map: np.ndarray, ctx: AlignContext, names: tuple[str, str],
                 domains: list[str] | None = None, exact: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """Align the blocks of one shard; returns the table and its diagnostics.
 
     Args:
         tgt_rows, src_rows: per block, the extraction's columns (ARCHITECTURE.md) as arrays.
+
+    Returns:
+        (table, stats): stats = sums of `STAT_KEYS` over the shard, and per domain under "domains".
     """
     cols: dict[str, list] = {c: [] for c in SCHEMA.names}
-    stats = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0, "mass_exact": 0.0, "domains": {}}
+    stats: dict = {"domains": {}}
     for r, bid in enumerate(block_ids):
         tb, sb = tgt_rows[r], src_rows[r]
         for blk, name in ((tb, names[0]), (sb, names[1])):
@@ -477,25 +718,19 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         S = len(src.ids)
         topk_ids, topk_lp = dist_arrays(sb, S)
         ce = np.asarray(sb["token_ce"], np.float32)
-        res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx, exact)
+        res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx, exact, texts[r])
+        # Quality per byte of the whole block, the text hidden in unknown tokens charged 8 bits a byte.
+        nll, nbytes = sequence_quality(texts[r], src.end, ce, unknown_tokens(src, ctx.src_empty))
         cols["block_id"].append(int(bid))
-        cols["aligned"].append(res["aligned"])
+        for c in ("aligned", "token_ce", "span_nll", "span_exact"):
+            cols[c].append(res[c])
         cols["topk_ids"].append(res["topk_ids"].reshape(-1))
         cols["topk_logprobs"].append(res["topk_logprobs"].reshape(-1))
-        cols["token_ce"].append(res["token_ce"])
-        cols["span_nll"].append(res["span_nll"])
         cols["seq_ce"].append(float(sb["seq_ce"]))
-        cols["nll_per_byte"].append(float(sb["nll_sum"]) / max(int(sb["scored_bytes"]), 1))
-        n_al = int(res["aligned"].sum())
-        stats["positions"] += len(tgt.ids)
-        stats["aligned"] += n_al
-        stats["mass_source"] += res["mass_source"]
-        stats["mass_mapped"] += res["mass_mapped"]
-        stats["mass_exact"] += res["mass_exact"]
+        cols["nll_per_byte"].append(nll / nbytes if nbytes else float("nan"))
+        _add_stats(stats, res["stats"])
         if domains is not None:
-            d = stats["domains"].setdefault(domains[r], [0, 0])
-            d[0] += len(tgt.ids)
-            d[1] += n_al
+            _add_stats(stats["domains"].setdefault(domains[r], {}), res["stats"])
     table = pa.table({
         "block_id": pa.array(cols["block_id"], pa.int64()),
         "aligned": list_array(cols["aligned"], pa.uint8()),
@@ -503,10 +738,42 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         "topk_logprobs": list_array(cols["topk_logprobs"], pa.float16()),
         "token_ce": list_array(cols["token_ce"], pa.float32()),
         "span_nll": list_array(cols["span_nll"], pa.float32()),
+        "span_exact": list_array(cols["span_exact"], pa.uint8()),
         "seq_ce": pa.array(cols["seq_ce"], pa.float32()),
         "nll_per_byte": pa.array(cols["nll_per_byte"], pa.float32()),
     }, schema=SCHEMA)
     return table, stats
+
+
+def diagnostics(st: dict) -> dict[str, float]:
+    """Shares that say whether a source's aligned targets can be trusted, from summed `STAT_KEYS`.
+
+    - `aligned_fraction`: target positions with an aligned source position;
+    - `next_end_same`: of the aligned positions with a gold next token, the share where the
+      source's next token ends where the target's does (the source scored exactly that text);
+    - `mapped_mass`: the stored source mass that the vocab map keeps (at aligned positions);
+      `exact_mass`: of it, mapped to a token of the same text;
+    - `not_target_token_mass`: the share of the mapped mass on tokens the target would not
+      write there (a proper prefix of the gold token's text), before the token rule;
+    - `to_gold_mass`, `dropped_mass`: the shares of the stored source mass the `consistent`
+      rule moved to the gold token or dropped;
+    - `gold_in_stored`: aligned positions whose gold token has mass in the stored distribution.
+    """
+    src = st.get("mass_source", 0.0)
+
+    def share(a, b):
+        return round(a / b, 6) if b else math.nan
+
+    return {
+        "aligned_fraction": share(st.get("aligned", 0), st.get("positions", 0)),
+        "next_end_same": share(st.get("next_end_same", 0), st.get("gold_positions", 0)),
+        "mapped_mass": share(st.get("mass_mapped", 0.0), src),
+        "exact_mass": share(st.get("mass_exact", 0.0), src),
+        "not_target_token_mass": share(st.get("mass_not_target_token", 0.0), st.get("mass_mapped", 0.0)),
+        "to_gold_mass": share(st.get("mass_to_gold", 0.0), src),
+        "dropped_mass": share(st.get("mass_dropped", 0.0), src),
+        "gold_in_stored": share(st.get("gold_in_stored", 0), st.get("gold_positions", 0)),
+    }
 
 
 def read_shard_rows(path) -> list[dict]:
@@ -562,12 +829,28 @@ def check_extractions(tgt_manifest: dict, src_manifest: dict, tgt_name: str, src
                           fix="rerun `lmfuse extract` for both models on the current blocks (--overwrite)")
 
 
+def align_context(cfg, source_name: str) -> AlignContext:
+    """Everything `align_block` needs beside the blocks: method options, token rule, token bytes."""
+    from lmfuse.models import load_tokenizer
+    from lmfuse.tokentext import token_table
+
+    METHODS.get(cfg.align.method)
+    src_table = token_table(load_tokenizer(cfg.model(source_name)))
+    tgt_table = token_table(load_tokenizer(cfg.target))
+    texts = cfg.align.method in METHODS_NEEDING_TEXTS
+    return AlignContext(tgt_table.texts if texts else None, src_table.texts if texts else None, cfg.align.dtw_band,
+                        cfg.align.token_rule, flat_bytes(src_table.bytes), flat_bytes(tgt_table.bytes),
+                        np.array([len(b) == 0 for b in src_table.bytes], dtype=bool))
+
+
+def _fmt_share(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.1%}"
+
+
 def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict:
     """Align one source's extraction to the target's (resumable, data-parallel by shard)."""
     from lmfuse import prepare, vocabmap
-    from lmfuse.models import load_tokenizer
     from lmfuse.parallel import barrier, is_main, my_shards
-    from lmfuse.tokentext import token_table
 
     art = artifact(cfg, source_name, overwrite)
     if art.is_complete():
@@ -580,13 +863,8 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
                                          tgt_man.get("tokenizer_fingerprint"))
     exact = np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW))
     method = cfg.align.method
-    METHODS.get(method)
-    ctx = AlignContext(band=cfg.align.dtw_band)
-    if method in METHODS_NEEDING_TEXTS:
-        ctx = AlignContext(token_table(load_tokenizer(cfg.target)).texts,
-                           token_table(load_tokenizer(cfg.model(source_name))).texts, cfg.align.dtw_band)
+    ctx = align_context(cfg, source_name)
     blocks = prepare.artifact(cfg).load()
-    k = int(src_man["top_k"])
     n_shards, S = int(src_man["n_shards"]), int(src_man["shard_size"])
     if is_main():
         art.begin()
@@ -603,7 +881,7 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
                 raise LmfuseError(f"shard {i} of extract/{name} holds {len(rws)} blocks, "
                                   f"the prepared blocks {len(rows['block_id'])}", where=f"extract/{name}",
                                   fix="rerun `lmfuse extract` with --overwrite")
-        table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, vmap, k, ctx,
+        table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, vmap, ctx,
                                    (tname, source_name), rows["domain"], exact)
         # Stats first, shard last: a shard file on disk always has its stats.
         atomic_write_json(stats_dir / f"stats-{i:05d}.json", stats)
@@ -615,29 +893,30 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict
     if missing:
         raise LmfuseError(f"shards {missing[:5]} of align/{source_name} are missing after the run",
                           where=str(art.path), fix="rerun the same command: it resumes")
-    total = {"positions": 0, "aligned": 0, "mass_source": 0.0, "mass_mapped": 0.0, "mass_exact": 0.0}
-    domains: dict[str, list[int]] = {}
+    total: dict = {}
+    domains: dict[str, dict] = {}
     for i in range(n_shards):
         st = read_json(stats_dir / f"stats-{i:05d}.json") or {}
-        for key in total:
-            total[key] += st.get(key, 0)
-        for d, (n, a) in st.get("domains", {}).items():
-            acc = domains.setdefault(d, [0, 0])
-            acc[0] += n
-            acc[1] += a
-    aligned_fraction = total["aligned"] / max(total["positions"], 1)
-    mass_fraction = total["mass_mapped"] / total["mass_source"] if total["mass_source"] else math.nan
-    exact_fraction = total["mass_exact"] / total["mass_source"] if total["mass_source"] else math.nan
+        _add_stats(total, st)
+        for d, dst in st.get("domains", {}).items():
+            _add_stats(domains.setdefault(d, {}), dst)
+    diag = diagnostics(total)
+    diag_dom = {d: diagnostics(v) for d, v in sorted(domains.items())}
     manifest = art.finish(
-        source=source_name, target=tname, method=method, top_k=k, shard_size=S, n_shards=n_shards,
-        n_blocks=len(blocks), target_positions=total["positions"], aligned_positions=total["aligned"],
-        aligned_fraction=round(aligned_fraction, 6), mapped_mass_fraction=round(mass_fraction, 6),
-        exact_mass_fraction=round(exact_fraction, 6),
-        aligned_fraction_per_domain={d: round(a / max(n, 1), 6) for d, (n, a) in sorted(domains.items())},
-        align_seconds=round(time.time() - t0, 3),
+        source=source_name, target=tname, method=method, token_rule=cfg.align.token_rule,
+        distribution=src_man.get("distribution", "topk"), top_k=src_man.get("top_k"), shard_size=S,
+        n_shards=n_shards, n_blocks=len(blocks), target_positions=int(total.get("positions", 0)),
+        aligned_positions=int(total.get("aligned", 0)), aligned_fraction=diag["aligned_fraction"],
+        mapped_mass_fraction=diag["mapped_mass"], exact_mass_fraction=diag["exact_mass"],
+        aligned_fraction_per_domain={d: v["aligned_fraction"] for d, v in diag_dom.items()},
+        diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - t0, 3),
     )
-    log(f"align {source_name} -> {tname} ({method}): {aligned_fraction:.1%} of target positions aligned, "
-        f"{mass_fraction:.1%} of the aligned top-{k} probability mass mapped ({exact_fraction:.1%} exactly) "
-        f"-> {art.path}")
-    log("  per domain: " + json.dumps(manifest["aligned_fraction_per_domain"]))
+    log(f"align {source_name} -> {tname} ({method}, token rule {cfg.align.token_rule}): "
+        f"{_fmt_share(diag['aligned_fraction'])} of target positions aligned -> {art.path}")
+    log(f"  {'domain':<14} {'aligned':>8} {'next end':>9} {'mapped':>7} {'exact':>6} {'not-tgt':>8} "
+        f"{'to gold':>8} {'dropped':>8} {'gold in':>8}")
+    for name, d in [*diag_dom.items(), ("all", diag)]:
+        log(f"  {name:<14} " + " ".join(f"{_fmt_share(d[key]):>{w}}" for key, w in (
+            ("aligned_fraction", 8), ("next_end_same", 9), ("mapped_mass", 7), ("exact_mass", 6),
+            ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8))))
     return manifest

@@ -48,7 +48,15 @@ class PrepareConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    top_k: int = Field(10, ge=1, le=1024)
+    distribution: Literal["topk", "sampled"] = Field(
+        "topk", description="what is stored per position: `topk` (the k most probable ids and their log-probs) "
+                            "or `sampled` (ids drawn from the full softmax with their counts: an unbiased "
+                            "estimate of the whole distribution)")
+    top_k: int = Field(10, ge=1, le=1024, description="entries kept per position (distribution: topk)")
+    samples: int = Field(64, ge=1, le=65535,
+                         description="draws per position from the full softmax (distribution: sampled)")
+    seed: int = Field(0, ge=0, description="seed of the draws (sampled); they depend only on (seed, block, "
+                                           "position), not on batching, sharding or the number of processes")
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(64, ge=1, description="blocks per shard (the unit of resume)")
 
@@ -61,6 +69,10 @@ class VocabMapConfig(_Section):
 class AlignConfig(_Section):
     method: str = "offsets"
     dtw_band: int = Field(64, ge=1, description="band half-width for `dtw`")
+    token_rule: Literal["map", "consistent"] = Field(
+        "map", description="`map`: every source candidate goes to its mapped target token; `consistent`: a "
+                           "candidate that agrees with the text that follows goes to the gold target token, and "
+                           "one mapped to a token the target would not write there is dropped (docs/alignment.md)")
 
 
 class TrainConfig(_Section):
@@ -68,11 +80,14 @@ class TrainConfig(_Section):
     level: Literal["sequence", "token"] = "sequence"
     quality: Literal["nll_per_byte", "ce_per_token"] = "nll_per_byte"
     include_target: bool = True
-    outside_topk: Literal["renormalize", "gold"] = "renormalize"
+    outside_topk: Literal["renormalize", "gold", "rest"] = Field(
+        "renormalize", description="mass outside the stored ids: renormalize (paper) | gold (on the gold token) | "
+                                   "rest (a bucket matched by the student's mass outside the stored ids)")
     temperature: float = Field(1.0, gt=0)
     clm_weight: float = Field(0.9, description="λ: weight of the plain LM loss; 1 - λ goes to fusion")
     clm_weight_schedule: Literal["constant", "linear"] = "constant"
     loss: Literal["ce", "kl"] = "ce"
+    span_weight: float = Field(0.0, ge=0, description="μ: weight of the span-likelihood term (0 = off)")
     avgce_weighting: Literal["softmax_exp_neg", "softmax_neg"] = Field(
         "softmax_exp_neg", description="avgCE weights: softmax over exp(-quality) (reference code) or over -quality")
     learning_rate: float = Field(1e-5, gt=0)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -44,14 +44,17 @@ class FusionOptions:
 
     Args:
         temperature: Teacher temperature applied to the candidates' log-probs.
-        outside_topk: "renormalize" (top-k probs rescaled to sum to 1, as the paper) or "gold"
-            (the mass outside the top-k goes to the gold next token).
+        outside_topk: what happens to a candidate's mass outside its stored ids:
+            "renormalize" (stored probs rescaled to sum to 1, as the paper), "gold" (it goes to
+            the gold next token) or "rest" (it stays a separate bucket, matched in the loss by
+            the student's mass outside the stored ids). A sampled distribution has no mass
+            outside its ids, so the three agree on it.
         avgce_weighting: "softmax_exp_neg" (reference code: softmax over exp(−quality)) or
             "softmax_neg" (softmax over −quality).
     """
 
     temperature: float = 1.0
-    outside_topk: Literal["renormalize", "gold"] = "renormalize"
+    outside_topk: Literal["renormalize", "gold", "rest"] = "renormalize"
     avgce_weighting: Literal["softmax_exp_neg", "softmax_neg"] = "softmax_exp_neg"
 
 
@@ -104,7 +107,7 @@ def avg_ce(quality: np.ndarray, usable: np.ndarray, opts: FusionOptions) -> np.n
 
 def candidate_probs(
     ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray, opts: FusionOptions
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each candidate's sparse distribution after temperature and the outside-top-k rule.
 
     Args:
@@ -114,9 +117,10 @@ def candidate_probs(
         opts: temperature and outside_topk.
 
     Returns:
-        (ids [N, T, K+1], probs [N, T, K+1] float64): the extra column holds the gold token's
-        share of the outside mass ("gold"), else padding. Rows of a usable candidate sum to 1
-        (or 0 if it has no entries).
+        (ids [N, T, K+1], probs [N, T, K+1] float64, rest [N, T] float64): the extra column
+        holds the gold token's share of the outside mass ("gold"), else padding; `rest` is the
+        outside mass kept as a bucket ("rest"), else 0. For a candidate with entries, probs +
+        rest sum to 1.
     """
     N, T, K = ids.shape
     valid = ids >= 0
@@ -124,30 +128,34 @@ def candidate_probs(
     gold_b = np.broadcast_to(gold, (N, T))
     extra_ids = np.full((N, T, 1), -1, dtype=np.int64)
     extra_p = np.zeros((N, T, 1))
+    rest = np.zeros((N, T))
     if opts.outside_topk == "renormalize":
         top = np.max(lp, axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         e = np.exp(lp - top)
         z = e.sum(-1, keepdims=True)
         p = np.divide(e, z, out=np.zeros_like(e), where=z > 0)
-    elif opts.outside_topk == "gold":
-        # exp(lp / T) are the tempered top-k probs; above T = 1 they may sum past 1, then we
+    elif opts.outside_topk in ("gold", "rest"):
+        # exp(lp / T) are the tempered stored probs; above T = 1 they may sum past 1, then we
         # renormalize and nothing is left over.
         p = np.exp(lp)
         s = p.sum(-1, keepdims=True)
         p = np.where(s > 1.0, p / np.maximum(s, 1e-300), p)
-        rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)  # [N, T]
-        has_gold = gold_b >= 0
-        extra_ids[..., 0] = np.where(has_gold, gold_b, -1)
-        extra_p[..., 0] = np.where(has_gold, rest, 0.0)
-        # No gold token (last position): renormalize the top-k instead.
-        s2 = p.sum(-1, keepdims=True)
-        p = np.where(has_gold[..., None] | (s2 <= 0), p, p / np.maximum(s2, 1e-300))
+        left = np.where(valid.any(-1), np.clip(1.0 - p.sum(-1), 0.0, 1.0), 0.0)  # [N, T]
+        if opts.outside_topk == "rest":
+            rest = left
+        else:
+            has_gold = gold_b >= 0
+            extra_ids[..., 0] = np.where(has_gold, gold_b, -1)
+            extra_p[..., 0] = np.where(has_gold, left, 0.0)
+            # No gold token (last position): renormalize the top-k instead.
+            s2 = p.sum(-1, keepdims=True)
+            p = np.where(has_gold[..., None] | (s2 <= 0), p, p / np.maximum(s2, 1e-300))
     else:
         raise LmfuseError(f"unknown outside_topk rule {opts.outside_topk!r}", where="train.outside_topk",
-                          fix="use 'renormalize' or 'gold'")
+                          fix="use 'renormalize', 'gold' or 'rest'")
     out_ids = np.concatenate([np.where(valid, ids, -1).astype(np.int64), extra_ids], axis=-1)
-    return out_ids, np.concatenate([p, extra_p], axis=-1)
+    return out_ids, np.concatenate([p, extra_p], axis=-1), rest
 
 
 def merge_duplicates(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +190,23 @@ def merge_duplicates(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return out_ids, out_p
 
 
+class FusedTargets(NamedTuple):
+    """The fused teacher signal of one block.
+
+    Attributes:
+        ids: [T, M] int64 target ids, −1 = padding (distinct within a row).
+        probs: [T, M] float32 their probabilities, 0 at padding.
+        rest: [T] float32 mass outside `ids` (the `rest` bucket; 0 unless outside_topk = "rest").
+        span: [T] float32 teacher probability of the gold next token's text, NaN where no
+            candidate scored exactly that text (or no span log-likelihoods were given).
+    """
+
+    ids: np.ndarray
+    probs: np.ndarray
+    rest: np.ndarray
+    span: np.ndarray
+
+
 def fuse(
     ids: np.ndarray,
     logprobs: np.ndarray,
@@ -190,7 +215,8 @@ def fuse(
     gold: np.ndarray,
     fusion: str = "minCE",
     opts: FusionOptions | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    span_ll: np.ndarray | None = None,
+) -> FusedTargets:
     """Fuse N candidates' sparse distributions at every position of one block.
 
     Args:
@@ -202,10 +228,13 @@ def fuse(
         gold: [T] int gold next token, −1 where none.
         fusion: name in `FUSIONS` ("minCE", "avgCE").
         opts: temperature, outside-top-k rule, avgCE weighting.
+        span_ll: [N, T] float, candidate n's log-likelihood of exactly the text of the gold
+            token after position t (NaN where it did not score exactly that text); the span
+            target mixes them with the fusion function's weights over the candidates that have one.
 
     Returns:
-        (ids [T, M], probs [T, M] float32) with M ≤ N·(K+1), padded with (−1, 0); each row
-        sums to 1 except where `gold` is −1 and no candidate is usable (empty row).
+        `FusedTargets` with M ≤ N·(K+1); each row of probs (+ rest) sums to 1 except where
+        `gold` is −1 and no candidate is usable (empty row).
     """
     opts = opts or FusionOptions()
     ids = np.asarray(ids)
@@ -213,14 +242,19 @@ def fuse(
     quality = np.asarray(quality, dtype=np.float64)
     if quality.ndim == 1:
         quality = np.broadcast_to(quality[:, None], (N, T))
-    if quality.shape != (N, T) or aligned.shape != (N, T) or logprobs.shape != ids.shape or gold.shape != (T,):
+    if quality.shape != (N, T) or aligned.shape != (N, T) or logprobs.shape != ids.shape or gold.shape != (T,) \
+            or (span_ll is not None and np.shape(span_ll) != (N, T)):
         raise LmfuseError(
             f"fusion inputs disagree in shape: ids {ids.shape}, logprobs {logprobs.shape}, "
-            f"aligned {aligned.shape}, quality {quality.shape}, gold {gold.shape}",
+            f"aligned {aligned.shape}, quality {quality.shape}, gold {gold.shape}"
+            + ("" if span_ll is None else f", span_ll {np.shape(span_ll)}"),
             fix="aligned data and the target extraction must come from the same prepared blocks")
-    usable = np.asarray(aligned, dtype=bool) & np.isfinite(quality) & (ids >= 0).any(-1)
-    weights = FUSIONS.get(fusion)(np.where(np.isfinite(quality), quality, 0.0), usable, opts)  # [N, T]
-    c_ids, c_p = candidate_probs(ids, logprobs, gold, opts)  # [N, T, K+1]
+    finite_q = np.isfinite(quality)
+    q0 = np.where(finite_q, quality, 0.0)
+    fn = FUSIONS.get(fusion)
+    usable = np.asarray(aligned, dtype=bool) & finite_q & (ids >= 0).any(-1)
+    weights = fn(q0, usable, opts)  # [N, T]
+    c_ids, c_p, c_rest = candidate_probs(ids, logprobs, gold, opts)  # [N, T, K+1], [N, T]
     mixed = c_p * weights[..., None]
     # Positions with no usable candidate fall back to a one-hot on the gold token.
     none = ~usable.any(0)
@@ -228,4 +262,13 @@ def fuse(
     fb_p = (none & (gold >= 0)).astype(np.float64)[:, None]
     all_ids = np.concatenate([c_ids.transpose(1, 0, 2).reshape(T, -1), fb_ids], axis=1)
     all_p = np.concatenate([mixed.transpose(1, 0, 2).reshape(T, -1), fb_p], axis=1)
-    return merge_duplicates(all_ids, all_p)
+    out_ids, out_p = merge_duplicates(all_ids, all_p)
+    rest = (c_rest * weights).sum(0).astype(np.float32)
+    span = np.full(T, np.nan, dtype=np.float32)
+    if span_ll is not None:
+        span_ll = np.asarray(span_ll, dtype=np.float64)
+        has = finite_q & np.isfinite(span_ll) & (gold >= 0)[None, :]
+        w = fn(q0, has, opts)
+        s = (w * np.exp(np.where(has, np.minimum(span_ll, 0.0), -np.inf))).sum(0)
+        span = np.where(has.any(0), s, np.nan).astype(np.float32)
+    return FusedTargets(out_ids, out_p, rest, span)

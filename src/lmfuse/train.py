@@ -36,12 +36,12 @@ from lmfuse.artifacts import (
 )
 from lmfuse.errors import LmfuseError
 from lmfuse.extract import dist_arrays
-from lmfuse.fusion import FUSIONS, FusionOptions, fuse
+from lmfuse.fusion import FUSIONS, FusedTargets, FusionOptions, fuse
 from lmfuse.loss import IGNORE, fused_clm_loss
 
 # Options that only change the fusion term: the control's hash must not depend on them.
 FUSION_ONLY = ("fusion", "level", "quality", "include_target", "outside_topk", "temperature", "clm_weight",
-               "clm_weight_schedule", "loss", "avgce_weighting")
+               "clm_weight_schedule", "loss", "avgce_weighting", "span_weight")
 # Options that change neither the weights nor the logs.
 NOT_HASHED = ("control", "tensorboard", "save_every")
 CKPT_DIR = "checkpoints"
@@ -92,6 +92,7 @@ class Candidate:
     logprobs: np.ndarray  # [T, K] float32
     aligned: np.ndarray  # [T] bool
     quality: np.ndarray  # [] (sequence) or [T] (token), lower is better
+    span_ll: np.ndarray | None = None  # [T] log-likelihood of exactly the gold next token's text, NaN = none
 
 
 class BlockData:
@@ -181,8 +182,10 @@ class BlockData:
             else:  # the target's own token_ce is also its span NLL
                 q = _pad_last(r["token_ce"], T)
             ids, lps = dist_arrays(r, T)
-            out["candidates"].append(_candidate(ids.ravel(), lps.ravel(), np.ones(T, bool), q, T,
-                                                f"extract/{self.cfg.target.name}", block_id))
+            cand = _candidate(ids.ravel(), lps.ravel(), np.ones(T, bool), q, T,
+                              f"extract/{self.cfg.target.name}", block_id)
+            cand.span_ll = -_pad_last(r["token_ce"], T)  # the target scores its own tokens exactly
+            out["candidates"].append(cand)
         for name, ds, rows in self.sources:
             if block_id not in rows:
                 raise LmfuseError(f"block {block_id} is missing from the aligned data", where=f"align/{name}",
@@ -196,8 +199,10 @@ class BlockData:
             if len(aligned) != T:
                 raise LmfuseError(f"block {block_id}: {len(aligned)} aligned positions but the target has {T}",
                                   where=f"align/{name}", fix="rerun `lmfuse align` for this target")
-            out["candidates"].append(_candidate(a["topk_ids"], a["topk_logprobs"], aligned, q, T,
-                                                f"align/{name}", block_id))
+            cand = _candidate(a["topk_ids"], a["topk_logprobs"], aligned, q, T, f"align/{name}", block_id)
+            exact = _pad_last(a["span_exact"], T) > 0 if "span_exact" in a else np.zeros(T, bool)
+            cand.span_ll = np.where(exact, -_pad_last(a["span_nll"], T), np.nan)
+            out["candidates"].append(cand)
         return out
 
 
@@ -233,10 +238,12 @@ class FusedCollator:
     there are no candidates, target_ids [B, T, M] int64 (−1 = pad) and target_probs [B, T, M].
     """
 
-    def __init__(self, fusion: str, opts: FusionOptions, pad_id: int = 0, vocab_size: int | None = None):
+    def __init__(self, fusion: str, opts: FusionOptions, pad_id: int = 0, vocab_size: int | None = None,
+                 span: bool = False):
         self.fusion, self.opts, self.pad_id, self.vocab_size = fusion, opts, pad_id, vocab_size
+        self.span = span
 
-    def fuse_block(self, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    def fuse_block(self, item: dict) -> FusedTargets:
         ids = item["input_ids"]
         gold = np.append(ids[1:], -1)
         cands = item["candidates"]
@@ -253,7 +260,10 @@ class FusedCollator:
             raise LmfuseError(f"block {item['block_id']}: aligned token id {int(c_ids.max())} is outside the target "
                               f"vocabulary ({self.vocab_size})", where="align",
                               fix="the aligned data was made for another target tokenizer; rerun `lmfuse align`")
-        return fuse(c_ids, c_lp, aligned, qual, gold, self.fusion, self.opts)
+        span_ll = None
+        if self.span:
+            span_ll = np.stack([c.span_ll if c.span_ll is not None else np.full(len(gold), np.nan) for c in cands])
+        return fuse(c_ids, c_lp, aligned, qual, gold, self.fusion, self.opts, span_ll)
 
     def __call__(self, items: list[dict]) -> dict:
         B = len(items)
@@ -270,14 +280,23 @@ class FusedCollator:
                  "labels": torch.from_numpy(labels)}
         if items and items[0]["candidates"]:
             fused = [self.fuse_block(it) for it in items]
-            M = max(f[0].shape[1] for f in fused)
+            M = max(f.ids.shape[1] for f in fused)
             tid = np.full((B, T, M), -1, dtype=np.int64)
             tp = np.zeros((B, T, M), dtype=np.float32)
-            for b, (fi, fp) in enumerate(fused):
-                tid[b, : fi.shape[0], : fi.shape[1]] = fi
-                tp[b, : fp.shape[0], : fp.shape[1]] = fp
+            rest = np.zeros((B, T), dtype=np.float32)
+            span = np.full((B, T), np.nan, dtype=np.float32)
+            for b, f in enumerate(fused):
+                n = f.ids.shape[0]
+                tid[b, :n, : f.ids.shape[1]] = f.ids
+                tp[b, :n, : f.probs.shape[1]] = f.probs
+                rest[b, :n] = f.rest
+                span[b, :n] = f.span
             batch["target_ids"] = torch.from_numpy(tid)
             batch["target_probs"] = torch.from_numpy(tp)
+            if self.opts.outside_topk == "rest":
+                batch["target_rest"] = torch.from_numpy(rest)
+            if self.span:
+                batch["span_target"] = torch.from_numpy(span)
         return batch
 
 
@@ -419,7 +438,7 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
     model, opt, sched = acc.prepare(model, opt, sched)
     opts = FusionOptions(t.temperature, t.outside_topk, t.avgce_weighting)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    collate = FusedCollator(t.fusion, opts, pad, vocab)
+    collate = FusedCollator(t.fusion, opts, pad, vocab, span=t.span_weight > 0 and not control)
 
     start = 0
     ckpt = _last_checkpoint(art.path)
@@ -441,7 +460,7 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
         gblocks = [data.train_ids[i] for i in order[step * G:(step + 1) * G]]
         n_global = max(1, _global_tokens(data, gblocks, lengths))
         layout = np.asarray(gblocks).reshape(t.grad_accum, world, t.batch_size)
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)
         for j in range(t.grad_accum):
             batch = collate([data.block(int(b)) for b in layout[j, rank]])
             n_local = int((batch["labels"] != IGNORE).sum())
@@ -450,13 +469,15 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
             with sync:
                 with acc.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    total_l, clm_l, fus_l = fused_clm_loss(
+                    total_l, clm_l, fus_l, span_l = fused_clm_loss(
                         logits, batch["labels"], batch.get("target_ids"), batch.get("target_probs"),
-                        batch["attention_mask"].bool(), lam, t.loss, t.logits_chunk_size)
+                        batch["attention_mask"].bool(), lam, t.loss, t.logits_chunk_size,
+                        batch.get("target_rest"), batch.get("span_target"), 0.0 if control else t.span_weight)
                 # Normalise by the global token count; DDP averages over ranks, hence × world.
                 scale = n_local / n_global
                 acc.backward(total_l * scale * world)
-            sums += torch.tensor([total_l.item(), clm_l.item(), fus_l.item()], dtype=torch.float64) * scale
+            sums += torch.tensor([total_l.item(), clm_l.item(), fus_l.item(), span_l.item()],
+                                 dtype=torch.float64) * scale
         acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         opt.step()
         sched.step()
@@ -465,6 +486,8 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
         done = step + 1
         rec = {"step": done, "loss": float(sums[0]), "clm": float(sums[1]), "fusion": float(sums[2]),
                "lr": sched.get_last_lr()[0], "clm_weight": lam, "tokens": n_global}
+        if t.span_weight > 0 and not control:
+            rec["span"] = float(sums[3])
         last_train = rec
         if acc.is_main_process:
             _append_log(log_path, rec)
@@ -520,7 +543,7 @@ def evaluate_loss(model, data: BlockData, collate: FusedCollator, acc, batch_siz
         with acc.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["labels"] != IGNORE
-        _, clm, _ = fused_clm_loss(logits, batch["labels"], None, None, mask, 1.0)
+        _, clm, _, _ = fused_clm_loss(logits, batch["labels"], None, None, mask, 1.0)
         n = int(mask.sum())
         sums += torch.tensor([clm.item() * n, n], dtype=torch.float64)
     sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
