@@ -5,7 +5,11 @@ Each variant runs in a fresh subprocess (peak memory = `resource.getrusage` max 
 - `clm`: forward + `F.cross_entropy` on the logits (what a plain CLM trainer does) + AdamW step;
 - `fused`: `fused_clm_loss` with the fused sparse targets of 3 sources × top-10 + the target
   itself (built by `lmfuse.fusion.fuse`, timed separately as `collate_s`);
-- `fused_chunked`: the same with `logits_chunk_size=128`;
+- `fused_kl`: the same with the KL form of the fusion term;
+- `fused_rest`: stored probabilities kept as they are, the leftover mass as a `rest` bucket
+  matched by the student's mass outside the stored ids (`outside_topk: rest`);
+- `fused_span`: `fused` plus the span-likelihood term (`span_weight: 0.5`);
+- `fused_chunked`: `fused` with `logits_chunk_size=128`;
 - `dense`: the same targets expanded to a [B, T, V] tensor, loss −Σ P log Q (the reference
   code's approach).
 
@@ -22,19 +26,19 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("clm", "fused", "fused_chunked", "dense")
+VARIANTS = ("clm", "fused", "fused_kl", "fused_rest", "fused_span", "fused_chunked", "dense")
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _targets(input_ids, vocab: int, n_sources: int = 3, k: int = 10, seed: int = 0):
-    """Fused sparse targets [B, T, M] from n_sources + target synthetic top-k candidates."""
+def _targets(input_ids, vocab: int, n_sources: int = 3, k: int = 10, seed: int = 0, rule: str = "renormalize"):
+    """Fused sparse targets [B, T, M], rest [B, T] and span [B, T] from n_sources + target candidates."""
     import numpy as np
     import torch
 
-    from lmfuse.fusion import fuse
+    from lmfuse.fusion import FusionOptions, fuse
 
     rng = np.random.default_rng(seed)
     B, T = input_ids.shape
@@ -46,14 +50,20 @@ def _targets(input_ids, vocab: int, n_sources: int = 3, k: int = 10, seed: int =
         ids[:, :, 0] = np.maximum(gold, 0)
         lp = np.log(np.sort(rng.dirichlet(np.ones(k + 1), size=(N, T))[..., :k], axis=-1)[..., ::-1])
         aligned = rng.uniform(size=(N, T)) < 0.9
-        out.append(fuse(ids, lp, aligned, rng.uniform(0.5, 1.5, size=N), gold, "avgCE"))
-    M = max(o[0].shape[1] for o in out)
+        span_ll = np.where(rng.uniform(size=(N, T)) < 0.8, np.log(rng.uniform(0.05, 0.9, size=(N, T))), np.nan)
+        out.append(fuse(ids, lp, aligned, rng.uniform(0.5, 1.5, size=N), gold, "avgCE",
+                        FusionOptions(outside_topk=rule), span_ll))
+    M = max(o.ids.shape[1] for o in out)
     tid = torch.full((B, T, M), -1, dtype=torch.long)
     tp = torch.zeros((B, T, M))
-    for b, (i, p) in enumerate(out):
-        tid[b, :, : i.shape[1]] = torch.from_numpy(i)
-        tp[b, :, : p.shape[1]] = torch.from_numpy(p)
-    return tid, tp
+    rest = torch.zeros((B, T))
+    span = torch.zeros((B, T))
+    for b, o in enumerate(out):
+        tid[b, :, : o.ids.shape[1]] = torch.from_numpy(o.ids)
+        tp[b, :, : o.probs.shape[1]] = torch.from_numpy(o.probs)
+        rest[b] = torch.from_numpy(o.rest)
+        span[b] = torch.from_numpy(o.span)
+    return tid, tp, rest, span
 
 
 def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int) -> dict:
@@ -73,11 +83,12 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int) 
     labels = torch.cat([input_ids[:, 1:], torch.full((batch, 1), -100)], 1)
     mask = labels != -100
     t0 = time.perf_counter()
-    tid, tp = _targets(input_ids, V) if variant != "clm" else (None, None)
+    rule = "rest" if variant == "fused_rest" else "renormalize"
+    tid, tp, rest, span = _targets(input_ids, V, rule=rule) if variant != "clm" else (None,) * 4
     collate_s = time.perf_counter() - t0
     input_ids, labels, mask = input_ids.to(dev), labels.to(dev), mask.to(dev)
     if tid is not None:
-        tid, tp = tid.to(dev), tp.to(dev)
+        tid, tp, rest, span = tid.to(dev), tp.to(dev), rest.to(dev), span.to(dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -85,9 +96,13 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int) 
             logits = model(input_ids=input_ids).logits
             if variant == "clm":
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            elif variant in ("fused", "fused_chunked"):
-                loss, _, _ = fused_clm_loss(logits, labels, tid, tp, mask, 0.9, "ce",
-                                            128 if variant == "fused_chunked" else None)
+            elif variant.startswith("fused"):
+                loss, _, _, _ = fused_clm_loss(
+                    logits, labels, tid, tp, mask, 0.9, "kl" if variant == "fused_kl" else "ce",
+                    128 if variant == "fused_chunked" else None,
+                    target_rest=rest if variant == "fused_rest" else None,
+                    span_target=span if variant == "fused_span" else None,
+                    span_weight=0.5 if variant == "fused_span" else 0.0)
             else:  # dense [B, T, V] target, as the reference code builds it
                 dense = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
                 dense.scatter_add_(-1, tid.clamp_min(0), tp * (tid >= 0))

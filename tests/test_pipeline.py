@@ -42,6 +42,13 @@ def test_run_skips_what_is_done_and_reruns_only_what_a_change_touches(make_confi
     fourth, _ = _run(dtw)
     assert {k for k, v in fourth.items() if v != "skipped"} == {"align/src_spm", "align/src_wp", "train/fused"}
 
+    # An upstream option changes (the blocks): everything below `prepare` runs again, down to both
+    # trainings, although align's and train's own options did not change (their inputs' keys did).
+    blocks = load_config(make_config({"train.max_steps": 2, "train.fusion": "avgCE", "align.method": "dtw",
+                                      "prepare.block_size": 40}, name="blocks.yaml"))
+    fifth, _ = _run(blocks)
+    assert {k for k, v in fifth.items() if v == "skipped"} == {"vocab_map/src_spm", "vocab_map/src_wp"}, fifth
+
 
 def test_interrupted_stage_is_resumed(make_config):
     cfg = load_config(make_config({"train.max_steps": 1, "train.control": False}))

@@ -661,9 +661,9 @@ def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
 
     cfg.model(source_name)
     inputs = {
-        "extract_target": extract.artifact(cfg, cfg.target.name).config_hash,
-        "extract_source": extract.artifact(cfg, source_name).config_hash,
-        "vocab_map": vocabmap.artifact(cfg, source_name).config_hash,
+        "extract_target": extract.artifact(cfg, cfg.target.name).key,
+        "extract_source": extract.artifact(cfg, source_name).key,
+        "vocab_map": vocabmap.artifact(cfg, source_name).key,
     }
     h = hash_obj(["align", cfg.target.name, source_name, cfg.align.model_dump()])
     return ArtifactDir(cfg.run_dir / "align" / source_name, "align", h, inputs, overwrite)

@@ -55,14 +55,14 @@ def out_dir(cfg, control: bool = False) -> Path:
 
 def _upstream_hash(path: Path) -> str | None:
     m = read_manifest(path)
-    return None if m is None else m.get("config_hash")
+    return None if m is None else (m.get("key") or m.get("config_hash"))
 
 
 def artifact(cfg, control: bool = False, overwrite: bool = False) -> ArtifactDir:
     """The train artifact for this config (`train/fused` or `train/clm`).
 
     Its config hash covers the train section (minus the fusion-only options for the control)
-    and the target model; its inputs are the config hashes of `extract/<target>` and, unless
+    and the target model; its inputs are the keys (`ArtifactDir.key`) of `extract/<target>` and, unless
     control, of `align/<source>` for every source.
     """
     train = cfg.train.model_dump(exclude=set(NOT_HASHED))
@@ -141,7 +141,7 @@ class BlockData:
 
     def _check_align(self, manifest: dict, ds, path: Path) -> None:
         """Refuse aligned data made for another target (tokenizer) before any training."""
-        tgt_hash = self.tgt_manifest.get("config_hash")
+        tgt_hash = self.tgt_manifest.get("key") or self.tgt_manifest.get("config_hash")
         named = manifest.get("target")
         inputs = manifest.get("inputs") or {}
         fix = "rerun `lmfuse align` for this target (or `lmfuse run` the whole config)"
