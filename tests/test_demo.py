@@ -110,6 +110,16 @@ def test_quick_demo_runs_end_to_end_on_the_real_models(tmp_path):
     report = out / "report"
     assert (report / "report.html").stat().st_size > 10_000
     assert (report / "bpb.png").exists()
+    # The report, opened in a real browser at 1400 px: verdict first, every plot and table on the page.
+    from test_report import CHROMIUM, assert_layout, render
+
+    if CHROMIUM is None:
+        import warnings
+
+        warnings.warn("no chromium: the demo report was not opened in a browser", stacklevel=1)
+    else:
+        checks, _ = render(report / "report.html", tmp_path)
+        assert_layout(checks, n_images=6)
     align = json.loads((out / "align" / "gemma3-270m" / "manifest.json").read_text())
     assert 0.8 < align["aligned_fraction"] < 1.0
 

@@ -21,7 +21,7 @@ from lmfuse.stats import paired_bootstrap
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = None):
+def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = None, per_domain: int = 10):
     """A run directory with eval results, training logs, align/vocab-map manifests and timings.
 
     The eval results are well formed: per-block NLL and bytes for every model (10 blocks per
@@ -32,7 +32,7 @@ def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = 
     base = {d: 0.6 + 0.5 * rng.random() for d in domains}
     models = {"smollm2": ("target", 0.0), "gemma3": ("source", -0.1), "fused": ("fused", -0.021),
               "clm": ("clm", -0.018), "ensemble-a-b": ("ensemble", 0.01)}
-    blocks = [(i, d) for i, d in enumerate(d for d in domains for _ in range(10))]
+    blocks = [(i, d) for i, d in enumerate(d for d in domains for _ in range(per_domain))]
     hardness = {i: rng.gauss(0, 0.05) for i, _ in blocks}  # shared by every model: the pairing matters
     nbytes = {i: rng.randint(300, 900) for i, _ in blocks}
     res = {"split": "validation", "data_hash": "x", "blocks": len(blocks), "domains": domains, "models": {}}
@@ -164,6 +164,15 @@ def test_verdict_without_per_block_figures_gives_differences_without_intervals(t
     assert "no confidence interval (rerun `lmfuse eval`" in text
 
 
+def test_verdict_with_one_block_per_domain_gives_no_interval_there(tmp_path):
+    run = make_synthetic_run(tmp_path / "run", per_domain=1)  # like `lmfuse demo --quick`
+    text = write_report(run).read_text()
+    per = next(p for p in text.split("\n\n") if p.startswith("Per domain, fused − control (λ = 1): "))
+    assert per.count(" (one block: no interval, so no verdict)") == 4
+    assert "95% CI" in text.split("\n\n")[1]  # overall: four blocks, an interval
+    assert "(1 per domain;" in text and "with fewer than 10 blocks an interval is rough" in text
+
+
 def test_verdict_when_nothing_to_compare(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -256,7 +265,7 @@ def _png_size(path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _assert_layout(checks: dict, n_images: int) -> None:
+def assert_layout(checks: dict, n_images: int) -> None:
     width = checks["clientWidth"]
     assert checks["scrollWidth"] <= width, "the page scrolls sideways"
     v = checks["verdict"]
@@ -281,7 +290,7 @@ def test_report_in_a_browser_at_1400px(tmp_path):
     run = make_synthetic_run(tmp_path / "run")
     write_report(run)
     checks, shot = render(run / "report" / "report.html", tmp_path)
-    _assert_layout(checks, n_images=6)
+    assert_layout(checks, n_images=6)
     heads = [t["head"].replace("\u00a0", " ") for t in checks["tables"]]
     assert heads == ["fused − … [95% CI]", "model", "model", "source", "source", "artifact"]
     # At 1400 px every table of a four-domain run fits without scrolling, alignment's included.
@@ -298,5 +307,5 @@ def test_report_with_many_domains_scrolls_tables_inside_not_the_page(tmp_path):
     run = make_synthetic_run(tmp_path / "run", domains=domains)
     write_report(run)
     checks, _ = render(run / "report" / "report.html", tmp_path)
-    _assert_layout(checks, n_images=6)
+    assert_layout(checks, n_images=6)
     assert any(t["scrollWidth"] > t["wrapClient"] for t in checks["tables"])  # this one needs its scrollbar

@@ -88,6 +88,13 @@ def test_agrees_with_scipy_percentile_bootstrap():
     assert ours.hi == pytest.approx(ref.confidence_interval.high, abs=0.05 * width)
 
 
+def test_one_block_has_no_interval():
+    r = paired_bootstrap([2.0], [1.0], [10])
+    assert r.diff == pytest.approx(1.0 / (10 * math.log(2)))
+    assert math.isnan(r.lo) and math.isnan(r.hi)
+    assert r.includes_zero  # nothing tells the two apart
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"a_nll": [], "b_nll": [], "nbytes": []}, "no blocks"),
     ({"a_nll": [1.0, 2.0], "b_nll": [1.0], "nbytes": [1, 1]}, "b_nll has 1 blocks"),

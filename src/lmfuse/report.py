@@ -156,8 +156,8 @@ def _d(v: float) -> str:
     return _signed(v, 4).replace("-", MINUS)
 
 
-def _ci(iv: Interval) -> str:
-    return f"95% CI {_d(iv.lo)} to {_d(iv.hi)}" if math.isfinite(iv.lo) else "no CI: no per-block figures"
+def _ci(iv: Interval, why: str = "no per-block figures") -> str:
+    return f"95% CI {_d(iv.lo)} to {_d(iv.hi)}" if math.isfinite(iv.lo) else f"no CI: {why}"
 
 
 def _cell(iv: Interval) -> str:
@@ -166,14 +166,17 @@ def _cell(iv: Interval) -> str:
     return f"{_d(iv.diff)} [{_d(iv.lo)},\u00a0{_d(iv.hi)}]" if math.isfinite(iv.lo) else _d(iv.diff)
 
 
-def _words(iv: Interval, b: str | None = None) -> str:
+def _words(iv: Interval, b: str | None = None, paired: bool = True) -> str:
     """Plain words for an interval of fused − `b`: inside the noise, or which model is better.
 
     Args:
         iv: The interval.
         b: What fused is compared with, for a full sentence; None for the short form.
+        paired: Whether per-block figures exist (a NaN interval then means a single block).
     """
     if not math.isfinite(iv.lo):
+        if paired:
+            return "one block: no interval, so no verdict"
         return "no confidence interval (rerun `lmfuse eval` to keep per-block figures)"
     if iv.includes_zero:
         return ("inside the noise: no measurable difference" if b else "inside the noise")
@@ -213,27 +216,35 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
         return ["**Verdict:** none yet: neither the control nor a source was evaluated."], [], []
 
     sentences = []
+    paired = all(m.get("per_block") for m in models.values() if m.get("kind") in ("fused", "clm", "source"))
+    why = "one block" if paired else "no per-block figures"
     for name, short, cells in comparisons:
         o = cells.get("overall")
         if o is None:
             continue
-        sentences.append(f"fused {MINUS} {name}: **{_d(o.diff)} bits/byte** overall ({_ci(o)}): "
-                         f"{_words(o, short)}")
+        sentences.append(f"fused {MINUS} {name}: **{_d(o.diff)} bits/byte** overall ({_ci(o, why)}): "
+                         f"{_words(o, short, paired)}")
     paragraphs = ["**Verdict:** " + "; ".join(sentences) + "."]
     for name, _, cells in comparisons:
-        per = [f"{g} {_d(iv.diff)} ({_ci(iv).removeprefix('95% CI ')}: {_words(iv)})"
-               for g, iv in cells.items() if g != "overall"]
+        per = [f"{g} {_d(iv.diff)} ({_d(iv.lo)} to {_d(iv.hi)}: {_words(iv)})" if math.isfinite(iv.lo)
+               else f"{g} {_d(iv.diff)} ({_words(iv, None, paired)})" for g, iv in cells.items() if g != "overall"]
         if per:
             paragraphs.append(f"Per domain, fused {MINUS} {name}: " + "; ".join(per) + ".")
     if control is None:
         paragraphs.append(f"The {CONTROL} was not evaluated (set `train.control: true`), so the fused model "
                           "cannot be told apart from plain continual training.")
-    n = len((models[fused].get("per_block") or {}).get("block_id", []))
+    fused_domains = (models[fused].get("per_block") or {}).get("domain", [])
+    counts = {d: fused_domains.count(d) for d in results["domains"]}
+    spread = (f"{min(counts.values())}" if min(counts.values()) == max(counts.values())
+              else f"{min(counts.values())}–{max(counts.values())}") if fused_domains else "?"
     paragraphs.append(
         f"Differences are in bits per byte of held-out text (Σ NLL / (ln 2 · Σ bytes) over the blocks); "
         f"below zero, the fused model is better. Intervals: 95% percentile paired bootstrap over the "
-        f"{n or results.get('blocks', '?')} {results.get('split', 'held-out')} blocks ({n_boot:,} resamples, seed {seed}); "
-        "an interval that includes zero is inside the noise of which blocks were held out.")
+        f"{len(fused_domains) or results.get('blocks', '?')} {results.get('split', 'held-out')} blocks "
+        f"({spread} per domain; {n_boot:,} resamples, seed {seed}); an interval that includes zero is inside "
+        "the noise of which blocks were held out"
+        + ("; with fewer than 10 blocks an interval is rough." if fused_domains and min(counts.values()) < 10
+           else "."))
     groups = [*results["domains"], "overall"]
     head = [f"fused {MINUS} … [95%\u00a0CI]", *groups]
     rows = [[name, *[_cell(cells[g]) if g in cells else "–" for g in groups]] for name, _, cells in comparisons]

@@ -37,8 +37,8 @@ class Interval(NamedTuple):
 
     @property
     def includes_zero(self) -> bool:
-        """True when the interval does not tell the two models apart (it contains 0)."""
-        return self.lo <= 0.0 <= self.hi
+        """True when the interval does not tell the two models apart (it contains 0, or is NaN)."""
+        return not (self.lo > 0.0 or self.hi < 0.0)
 
 
 def bits_per_byte(nll: Sequence[float], nbytes: Sequence[float]) -> float:
@@ -84,7 +84,8 @@ def paired_bootstrap(a_nll: Sequence[float], b_nll: Sequence[float], nbytes: Seq
         alpha: 1 - confidence level (0.05: a 95% interval).
 
     Returns:
-        `Interval(diff, lo, hi)` in bits per byte; negative means A is better (fewer bits).
+        `Interval(diff, lo, hi)` in bits per byte; negative means A is better (fewer bits). With
+        a single block there is nothing to resample: `lo` and `hi` are NaN.
 
     Raises:
         ValueError: On empty, mismatched or non-finite inputs, zero total bytes, or bad
@@ -105,6 +106,8 @@ def paired_bootstrap(a_nll: Sequence[float], b_nll: Sequence[float], nbytes: Seq
         raise ValueError("the blocks score no bytes")
 
     diff = (a.sum() / ab.sum() - b.sum() / bb.sum()) / LN2
+    if n == 1:
+        return Interval(float(diff), float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     cols = (a, ab, b, bb)
     stats = np.empty(n_boot, dtype=np.float64)
