@@ -103,6 +103,8 @@ class TrainConfig(_Section):
     logits_chunk_size: int | None = Field(None, ge=1)
     eval_every: int = Field(0, ge=0, description="steps; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps; 0 = only at the end")
+    keep_best: bool = Field(False, description="also keep the weights with the lowest validation loss (evaluated "
+                                               "every `eval_every` steps) in `best/`")
     seed: int = 0
     control: bool = Field(True, description="also train the λ = 1 control on the same data")
     tensorboard: bool = False

@@ -45,6 +45,8 @@ FUSION_ONLY = ("fusion", "level", "quality", "include_target", "outside_topk", "
 # Options that change neither the weights nor the logs.
 NOT_HASHED = ("control", "tensorboard", "save_every")
 CKPT_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_STATE = "best_state.json"
 LOG = "log.jsonl"
 
 
@@ -389,6 +391,34 @@ def _save_checkpoint(acc, path: Path, step: int, extra: dict) -> None:
     acc.wait_for_everyone()
 
 
+def _save_best(acc, model, tok, path: Path, step: int, eval_loss: float) -> None:
+    """Write the current weights as an HF model directory to `best/`, replacing it whole."""
+    if not acc.is_main_process:
+        return
+    final, tmp = path / BEST_DIR, path / f".tmp-{BEST_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = acc.unwrap_model(model)
+    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / BEST_STATE, {"step": step, "eval_loss": eval_loss})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _best_so_far(path: Path, resumed_step: int, main: bool = True) -> float:
+    """The best validation loss already kept, or inf. A `best/` saved after the checkpoint we resume
+    from is discarded: those steps run again (to the same weights) and will save it again."""
+    state = read_json(path / BEST_DIR / BEST_STATE)
+    if state is None:
+        return math.inf
+    if state["step"] > resumed_step:
+        if main:
+            shutil.rmtree(path / BEST_DIR, ignore_errors=True)
+        return math.inf
+    return float(state["eval_loss"])
+
+
 def _global_tokens(data: BlockData, blocks: list[int], lengths: dict[int, int]) -> int:
     return sum(max(0, lengths[b] - 1) for b in blocks)
 
@@ -449,6 +479,7 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
     log_path = art.path / LOG
     if acc.is_main_process:
         _truncate_log(log_path, start)
+    best = _best_so_far(art.path, start, acc.is_main_process) if t.keep_best else math.inf
     tb = _tensorboard(art.path) if (t.tensorboard and acc.is_main_process) else None
 
     last_eval = None
@@ -504,13 +535,20 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
                 if tb:
                     tb.add_scalar("eval/loss", last_eval, done)
                 acc.print(f"step {done}/{total}  eval loss {last_eval:.4f}")
+            if t.keep_best and last_eval is not None and last_eval < best:
+                best = last_eval
+                _save_best(acc, model, tok, art.path, done, last_eval)
+                acc.wait_for_everyone()
         if t.save_every and done % t.save_every == 0 and done < total:
             _save_checkpoint(acc, art.path, done, {"total": total})
     if tb:
         tb.close()
 
+    best_state = read_json(art.path / BEST_DIR / BEST_STATE) if t.keep_best else None
     metrics = {"steps": total, "final_train_loss": last_train.get("loss"), "final_train_clm": last_train.get("clm"),
                "final_train_fusion": last_train.get("fusion"), "final_eval_loss": last_eval,
+               "best_step": best_state["step"] if best_state else None,
+               "best_eval_loss": best_state["eval_loss"] if best_state else None,
                "train_blocks": len(data.train_ids), "validation_blocks": len(data.val_ids),
                "global_batch": G, "world_size": world}
     acc.wait_for_everyone()
