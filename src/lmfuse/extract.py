@@ -1,35 +1,69 @@
 """`extract`: run one model over the blocks and store its sparse next-token distributions.
 
-Per block: token ids, character offsets, the top-k of the log-softmax over the full
-vocabulary (int32 ids, fp16 log-probs), and the cross-entropy of each gold next token.
-Shard i always holds the same blocks, so a killed run resumes, and a data-parallel run
+Per block: token ids, character offsets, a sparse next-token distribution per position and
+the cross-entropy of each gold next token. The distribution is one of (`extract.distribution`):
+
+- `topk`: the k most probable ids of the log-softmax over the full vocabulary, with their
+  log-probs. Biased: the mass outside the top-k is lost.
+- `sampled`: `samples` ids drawn i.i.d. from the full softmax, stored once each with their
+  counts. count / samples is an unbiased estimate of the model's distribution.
+
+Both use one CSR layout per block (`dist_len` entries per position, ids ascending within a
+position); `dist_arrays` is the one reader. Shard i always holds the same blocks and the draws
+depend only on (seed, block, position), so a killed run resumes, and a data-parallel run
 (`accelerate launch`) writes the same bytes as one process.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
 import numpy as np
 import pyarrow as pa
 
-from lmfuse.artifacts import ArtifactDir, hash_obj, load_arrow_dataset, read_manifest
+from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
 from lmfuse.errors import LmfuseError
 from lmfuse.parallel import barrier, device, is_main, my_shards, rank_world
 
-SCHEMA = pa.schema([
-    ("block_id", pa.int64()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("offset_start", pa.list_(pa.int32())),
-    ("offset_end", pa.list_(pa.int32())),
-    ("topk_ids", pa.list_(pa.int32())),
-    ("topk_logprobs", pa.list_(pa.float16())),
-    ("token_ce", pa.list_(pa.float32())),
-    ("seq_ce", pa.float32()),
-    ("nll_sum", pa.float64()),
-    ("scored_bytes", pa.int64()),
-])
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """The narrowest Arrow type for token ids of a vocabulary (readers convert to int64)."""
+    return pa.uint16() if vocab_size <= 1 << 16 else pa.int32()
+
+
+def count_type(samples: int) -> pa.DataType:
+    """The narrowest Arrow type for per-id draw counts out of `samples` draws."""
+    return pa.uint8() if samples <= 255 else pa.uint16()
+
+
+def extract_schema(distribution: str = "topk", ids: pa.DataType = pa.int32(),
+                   counts: pa.DataType = pa.uint16()) -> pa.Schema:
+    """The columns of one extraction shard (docs/extract.md).
+
+    Args:
+        distribution: `topk` (stores `dist_logprobs`) or `sampled` (stores `dist_counts`).
+        ids: type of `dist_ids` (see `id_type`).
+        counts: type of `dist_counts` (see `count_type`); unused for topk.
+    """
+    value = ("dist_logprobs", pa.list_(pa.float16())) if distribution == "topk" else ("dist_counts", pa.list_(counts))
+    return pa.schema([
+        ("block_id", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("offset_start", pa.list_(pa.int32())),
+        ("offset_end", pa.list_(pa.int32())),
+        ("dist_len", pa.list_(pa.uint16())),  # [T] entries at each position
+        ("dist_ids", pa.list_(ids)),  # [sum(dist_len)] ascending within a position
+        value,  # [sum(dist_len)]
+        ("token_ce", pa.list_(pa.float32())),
+        ("seq_ce", pa.float32()),
+        ("nll_sum", pa.float64()),
+        ("scored_bytes", pa.int64()),
+    ])
+
+
+SCHEMA = extract_schema("topk")
 
 
 def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
@@ -75,26 +109,153 @@ def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
     return ids, lps, token_ce, lse
 
 
+def sampling_uniforms(seed: int, block_id: int, T: int, n: int) -> np.ndarray:
+    """The uniforms behind a block's draws, sorted within each position.
+
+    Row t is the stream's values t*n .. (t+1)*n - 1 of `default_rng([seed, block_id])`, so
+    it depends on (seed, block, position) only, never on T, batching or sharding.
+
+    Returns:
+        float64 [T, n] in [0, 1), ascending along each row (sorted draws come out as
+        ascending ids, already grouped for counting).
+    """
+    u = np.random.default_rng([seed, block_id]).random((T, n))
+    u.sort(axis=1)
+    return u
+
+
+def sample_from_logits(logits, input_ids, uniforms, chunk: int = 8):
+    """Draw ids from the full softmax by inverse CDF; also the gold-token cross-entropy.
+
+    Per chunk of positions, one fp32 copy of the logits becomes, in place, exp(logit - max)
+    and then its cumulative sum (the unnormalised CDF; on CPU torch accumulates it in
+    float64). Its last entry gives the log-partition, so no separate logsumexp pass is
+    needed, and a draw u lands on the id whose CDF step holds u * total. Ids of zero
+    probability are never drawn (their CDF step is empty). Done `chunk` positions at a time
+    so that a [T, V] fp32 copy never exists whole.
+
+    Args:
+        logits: [T, V] logits of one sequence (any float dtype; not modified).
+        input_ids: [T] token ids of the sequence.
+        uniforms: [T, n] float64 in [0, 1) (see `sampling_uniforms`), ascending per row.
+        chunk: positions per step.
+
+    Returns:
+        draws [T, n] int64 (non-decreasing per row when the uniforms are), token_ce [T-1]
+        float32, lse [T] float32 (non-finite exactly when the position's logits hold a NaN
+        or +inf, or are all -inf; the draws of such a position are meaningless).
+    """
+    import torch
+
+    T, V = logits.shape
+    dev = logits.device
+    u = torch.as_tensor(uniforms, dtype=torch.float64).to(dev)
+    draws = torch.empty((T, u.shape[1]), dtype=torch.int64, device=dev)
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    nxt = input_ids[1:].long().to(dev)
+    gold_logit = logits[:-1].gather(-1, nxt[:, None]).squeeze(-1).float() if T > 1 else lse[:0]
+    for s in range(0, T, chunk):
+        f = logits[s:s + chunk].to(torch.float32, copy=True)  # (c, V); a copy: the logits stay intact
+        m = f.amax(dim=-1, keepdim=True)  # NaN propagates
+        cdf = f.sub_(m).exp_().cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        lse[s:s + chunk] = (m + total.log()).squeeze(-1)
+        x = (u[s:s + chunk] * total.double()).float()
+        # Rounding must not push a draw onto the total itself (that would fall past the last id).
+        x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+        draws[s:s + chunk] = torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1)
+    token_ce = lse[:-1] - gold_logit
+    return draws, token_ce, lse
+
+
+def count_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted draws per position -> the distinct ids and how often each was drawn (CSR).
+
+    Args:
+        draws: int [T, n], non-decreasing along each row.
+
+    Returns:
+        dist_len [T] int64 (distinct ids per position), ids [N] int64 (ascending within a
+        position) and counts [N] int64, N = dist_len.sum().
+    """
+    T, n = draws.shape
+    new = np.ones((T, n), dtype=bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]  # a run of equal ids never crosses a row
+    starts = np.flatnonzero(new.ravel())
+    counts = np.diff(np.append(starts, T * n))
+    return new.sum(axis=1), draws.ravel()[starts].astype(np.int64), counts
+
+
+def position_diagnostics(logits, lse, ids, gold):
+    """How much of the model's distribution the stored ids keep, per position.
+
+    Args:
+        logits: [T, V] raw logits (any float dtype).
+        lse: [T] float32 log-partition of each position.
+        ids: [T, K] int stored ids; -1 = padding; repeated ids count once.
+        gold: [T] int gold next token; -1 where there is none (the last position).
+
+    Returns:
+        mass [T] float32 (sum of the exact model probabilities of the distinct stored ids),
+        gold_in [T] bool (the gold token is among them; False where gold is -1) and
+        entries [T] int64 (distinct stored ids).
+    """
+    import torch
+
+    srt = ids.long().sort(dim=-1).values
+    valid = srt >= 0
+    valid[:, 1:] &= srt[:, 1:] != srt[:, :-1]
+    lp = logits.gather(-1, srt.clamp(min=0)).float() - lse[:, None]
+    mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
+    gold_in = ((srt == gold[:, None].long()) & valid).any(-1) & (gold >= 0)
+    return mass, gold_in, valid.sum(-1)
+
+
 def dist_arrays(row: dict, T: int) -> tuple[np.ndarray, np.ndarray]:
     """One extracted block's stored next-token distributions as padded arrays.
 
     The one reader of the stored distribution columns, so `align` and `train` do not depend on
-    how `extract` stores them.
+    how `extract` stores them. For `sampled` the log-prob of an id is log(count / draws at
+    its position), the empirical distribution (sums to 1, unbiased for the model's).
 
     Args:
         row: one block of an extraction (column name -> array or list).
         T: the block's number of positions (tokens).
 
     Returns:
-        ids int64 [T, K] (-1 = padding) and logprobs float32 [T, K] (-inf at padding).
+        ids int64 [T, K] (-1 = padding) and logprobs float32 [T, K] (-inf at padding);
+        K = the most entries at one position of this block.
     """
-    ids = np.asarray(row["topk_ids"], dtype=np.int64)
-    lp = np.asarray(row["topk_logprobs"], dtype=np.float32)
-    if T <= 0 or len(ids) % T or len(lp) != len(ids):
-        raise LmfuseError(f"block {row.get('block_id', '?')}: distribution arrays of length {len(ids)}/{len(lp)} "
-                          f"do not fit {T} positions", fix="rerun `lmfuse extract` with --overwrite")
-    K = len(ids) // T
-    return ids.reshape(T, K), lp.reshape(T, K)
+    where = f"block {row.get('block_id', '?')}"
+    fix = "rerun `lmfuse extract` with --overwrite"
+    if "dist_len" not in row:
+        if "topk_ids" in row:  # fixed-k layout of earlier versions: [T*k] each
+            ids = np.asarray(row["topk_ids"], dtype=np.int64)
+            lp = np.asarray(row["topk_logprobs"], dtype=np.float32)
+            if T <= 0 or len(ids) % T or len(lp) != len(ids):
+                raise LmfuseError(f"distribution arrays of length {len(ids)}/{len(lp)} do not fit {T} positions",
+                                  where=where, fix=fix)
+            return ids.reshape(T, -1), lp.reshape(T, -1)
+        raise LmfuseError("the row holds no stored distribution (no `dist_len` column)", where=where, fix=fix)
+    n = np.asarray(row["dist_len"], dtype=np.int64)
+    ids = np.asarray(row["dist_ids"], dtype=np.int64)
+    counts = "dist_counts" in row
+    vals = np.asarray(row["dist_counts" if counts else "dist_logprobs"], dtype=np.float64 if counts else np.float32)
+    if len(n) != T or int(n.sum()) != len(ids) or len(vals) != len(ids):
+        raise LmfuseError(f"distribution arrays ({len(n)} lengths summing to {int(n.sum())}, {len(ids)} ids, "
+                          f"{len(vals)} values) do not fit {T} positions", where=where, fix=fix)
+    K = int(n.max()) if T else 0
+    pos = np.repeat(np.arange(T), n)  # [N] position of each entry
+    col = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)  # [N] its slot within the position
+    out_ids = np.full((T, K), -1, dtype=np.int64)
+    out_lp = np.full((T, K), -np.inf, dtype=np.float32)
+    out_ids[pos, col] = ids
+    if counts:
+        draws = np.bincount(pos, weights=vals, minlength=T)
+        out_lp[pos, col] = np.log(vals / draws[pos])
+    else:
+        out_lp[pos, col] = vals
+    return out_ids, out_lp
 
 
 def encode_blocks(tok, texts: list[str]) -> list[dict]:
@@ -123,7 +284,7 @@ def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
     spec = cfg.model(model_name)
     h = hash_obj(["extract", spec.model_dump(exclude={"name"}), cfg.extract.model_dump()])
     return ArtifactDir(cfg.run_dir / "extract" / model_name, "extract", h,
-                       {"prepare": prepare.artifact(cfg).config_hash}, overwrite)
+                       {"prepare": prepare.artifact(cfg).key}, overwrite)
 
 
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
@@ -133,17 +294,49 @@ def list_array(rows: list[np.ndarray], typ) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
 
 
-def extract_shard(model, tok, block_ids: list[int], texts: list[str], k: int, batch_size: int, dev: str,
-                  model_name: str = "model", on_tokens=None) -> pa.Table:
-    """Extract one shard of blocks; rows in the order of `block_ids`."""
+STAT_KEYS = ("positions", "gold_positions", "mass", "gold_in", "entries")
+
+
+def _add_stats(acc: dict, other: dict) -> None:
+    for key in STAT_KEYS:
+        acc[key] = acc.get(key, 0) + other.get(key, 0)
+    acc["max_entries"] = max(acc.get("max_entries", 0), other.get("max_entries", 0))
+
+
+def summarize_stats(st: dict) -> dict:
+    """Summed per-position diagnostics -> means: mass kept, share of gold tokens stored, entries."""
+    return {
+        "mass_kept": round(st.get("mass", 0.0) / max(st.get("positions", 0), 1), 6),
+        "gold_in_stored_fraction": round(st.get("gold_in", 0) / max(st.get("gold_positions", 0), 1), 6),
+        "entries_per_position": round(st.get("entries", 0) / max(st.get("positions", 0), 1), 3),
+        "positions": int(st.get("positions", 0)),
+    }
+
+
+def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev: str, model_name: str = "model",
+                  on_tokens=None, domains: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """Extract one shard of blocks; rows in the order of `block_ids`.
+
+    Args:
+        opts: the `ExtractConfig` (distribution, top_k / samples and seed, batch_size).
+        domains: each block's domain, for the per-domain diagnostics.
+
+    Returns:
+        The shard's table (`extract_schema`) and its diagnostics: sums over positions of the
+        stored probability mass, gold tokens among the stored ids and entries (`STAT_KEYS`),
+        the largest entry count, and the same per domain under `domains`, plus `nll_sum` and
+        `scored_bytes`.
+    """
     import torch
 
+    sampled = opts.distribution == "sampled"
     encs = encode_blocks(tok, texts)
     order = sorted(range(len(texts)), key=lambda i: (-len(encs[i]["input_ids"]), i))  # less padding
     results: dict[int, dict] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    vocab = 0
+    for b in range(0, len(order), opts.batch_size):
+        idx = order[b:b + opts.batch_size]
         lens = [len(encs[i]["input_ids"]) for i in idx]
         T = max(lens)
         ids = torch.full((len(idx), T), pad, dtype=torch.long)
@@ -153,43 +346,78 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], k: int, ba
             mask[r, : lens[r]] = 1
         with torch.inference_mode():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        vocab = logits.shape[-1]
         for r, i in enumerate(idx):
-            top_ids, top_lp, ce, lse = topk_from_logits(logits[r, : lens[r]], ids[r, : lens[r]], k)
+            lg, seq = logits[r, : lens[r]], ids[r, : lens[r]]
+            if sampled:
+                u = sampling_uniforms(opts.seed, int(block_ids[i]), lens[r], opts.samples)
+                stored, ce, lse = sample_from_logits(lg, seq, u)
+            else:
+                stored, lps, ce, lse = topk_from_logits(lg, seq, opts.top_k)
             if not torch.isfinite(lse).all():
                 bad = int((~torch.isfinite(lse)).nonzero()[0])
                 raise LmfuseError(f"non-finite logits (NaN/inf) at token position {bad}",
                                   where=f"model {model_name}, block {block_ids[i]}",
                                   fix="run this model in float32 (dtype: float32) or check its weights")
+            gold = torch.cat([seq[1:], seq.new_full((1,), -1)]).to(lg.device)
+            mass, gold_in, entries = position_diagnostics(lg, lse, stored, gold)
+            if sampled:
+                n, dist_ids, counts = count_draws(stored.cpu().numpy())
+                values = counts
+            else:
+                srt, perm = stored.long().sort(dim=-1)  # ids ascending within a position: compresses better
+                n = np.full(lens[r], srt.shape[1], dtype=np.int64)
+                dist_ids = srt.cpu().numpy().reshape(-1)
+                values = lps.gather(-1, perm).cpu().numpy().astype(np.float16).reshape(-1)
             ce = ce.cpu().numpy().astype(np.float32)
             e0 = encs[i]["offset_end"][0]
             results[i] = {
-                "topk_ids": top_ids.cpu().numpy().reshape(-1),
-                "topk_logprobs": top_lp.cpu().numpy().astype(np.float16).reshape(-1),
-                "token_ce": ce,
+                "dist_len": n, "dist_ids": dist_ids, "values": values, "token_ce": ce,
                 "nll_sum": float(ce.astype(np.float64).sum()),
                 "scored_bytes": len(texts[i][e0:].encode("utf-8")),
+                "stats": {"positions": lens[r], "gold_positions": lens[r] - 1,
+                          "mass": float(mass.double().sum()), "gold_in": int(gold_in.sum()),
+                          "entries": int(entries.sum()), "max_entries": int(n.max())},
             }
         if on_tokens:
             on_tokens(sum(lens))
     rows = range(len(texts))
+    schema = extract_schema(opts.distribution, id_type(vocab), count_type(opts.samples))
+    value_col = schema.names[6]
     cols = {
         "block_id": pa.array(block_ids, pa.int64()),
         "input_ids": list_array([np.asarray(encs[i]["input_ids"], np.int32) for i in rows], pa.int32()),
         "offset_start": list_array([np.asarray(encs[i]["offset_start"], np.int32) for i in rows], pa.int32()),
         "offset_end": list_array([np.asarray(encs[i]["offset_end"], np.int32) for i in rows], pa.int32()),
-        "topk_ids": list_array([results[i]["topk_ids"] for i in rows], pa.int32()),
-        "topk_logprobs": list_array([results[i]["topk_logprobs"] for i in rows], pa.float16()),
+        "dist_len": list_array([results[i]["dist_len"] for i in rows], pa.uint16()),
+        "dist_ids": list_array([results[i]["dist_ids"] for i in rows], schema.field("dist_ids").type.value_type),
+        value_col: list_array([results[i]["values"] for i in rows], schema.field(value_col).type.value_type),
         "token_ce": list_array([results[i]["token_ce"] for i in rows], pa.float32()),
         "seq_ce": pa.array([results[i]["token_ce"].mean() if len(results[i]["token_ce"]) else 0.0 for i in rows],
                            pa.float32()),
         "nll_sum": pa.array([results[i]["nll_sum"] for i in rows], pa.float64()),
         "scored_bytes": pa.array([results[i]["scored_bytes"] for i in rows], pa.int64()),
     }
-    return pa.table(cols, schema=SCHEMA)
+    stats: dict = {"nll_sum": 0.0, "scored_bytes": 0, "domains": {}}
+    for i in rows:
+        _add_stats(stats, results[i]["stats"])
+        stats["nll_sum"] += results[i]["nll_sum"]
+        stats["scored_bytes"] += results[i]["scored_bytes"]
+        if domains is not None:
+            _add_stats(stats["domains"].setdefault(str(domains[i]), {}), results[i]["stats"])
+    return pa.table(cols, schema=schema), stats
+
+
+def _stats_path(art: ArtifactDir, i: int):
+    return art.path / "stats" / f"stats-{i:05d}.json"
 
 
 def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progress: bool = True) -> dict:
-    """Extract one model's distributions over all prepared blocks (resumable, data-parallel)."""
+    """Extract one model's distributions over all prepared blocks (resumable, data-parallel).
+
+    Each shard's diagnostics go to `stats/stats-XXXXX.json` before the shard itself, so a
+    shard on disk always has its stats, and the manifest aggregates them at the end.
+    """
     from tqdm.auto import tqdm
 
     from lmfuse import prepare
@@ -203,15 +431,21 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
         art.begin()
     barrier()
     spec = cfg.model(model_name)
-    k, S = cfg.extract.top_k, cfg.extract.shard_size
+    opts = cfg.extract
+    k, S = opts.top_k, opts.shard_size
+    sampled = opts.distribution == "sampled"
     n_shards = math.ceil(len(blocks) / S)
-    todo = [i for i in my_shards(n_shards) if not art.shard_done(i)]
+
+    def done(i: int) -> bool:
+        return art.shard_done(i) and _stats_path(art, i).exists()
+
+    todo = [i for i in my_shards(n_shards) if not done(i)]
     t0, n_tok = time.time(), 0
     if todo:
         tok = load_tokenizer(spec)
         dev = device()
         model = load_model(spec, device=dev)
-        if k > len(tok):
+        if not sampled and k > len(tok):
             raise LmfuseError(f"top_k {k} exceeds the vocabulary size {len(tok)}", where="extract.top_k",
                               fix=f"set extract.top_k to at most {len(tok)}")
         bar = tqdm(total=sum(min(S, len(blocks) - i * S) for i in todo), unit="block", disable=not progress,
@@ -224,8 +458,10 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
                 n_tok += n
                 bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s")
 
-            table = extract_shard(model, tok, rows["block_id"], rows["text"], k, cfg.extract.batch_size, dev,
-                                  model_name, on_tokens)
+            table, stats = extract_shard(model, tok, rows["block_id"], rows["text"], opts, dev, model_name,
+                                         on_tokens, rows["domain"])
+            # Stats first, shard last: a shard file on disk always has its stats.
+            atomic_write_json(_stats_path(art, i), stats)
             art.write_shard(i, table)
             bar.update(len(rows["block_id"]))
         bar.close()
@@ -233,22 +469,42 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
     barrier()
     if not is_main():
         return {}
-    missing = [i for i in range(n_shards) if not art.shard_done(i)]
+    missing = [i for i in range(n_shards) if not done(i)]
     if missing:
         raise LmfuseError(f"shards {missing[:5]} of extract/{model_name} are missing after the run",
                           where=str(art.path), fix="rerun the same command: it resumes")
+    total: dict = {}
+    domains: dict[str, dict] = {}
+    nll_sum, scored_bytes = 0.0, 0
+    for i in range(n_shards):
+        st = read_json(_stats_path(art, i)) or {}
+        _add_stats(total, st)
+        nll_sum += st.get("nll_sum", 0.0)
+        scored_bytes += st.get("scored_bytes", 0)
+        for d, dst in st.get("domains", {}).items():
+            _add_stats(domains.setdefault(d, {}), dst)
     tok = load_tokenizer(spec)
-    ds = load_arrow_dataset(art.shard_paths())
-    n_tokens = int(sum(len(x) for x in ds["input_ids"]))
+    n_tokens = int(total.get("positions", 0))
     size = sum(p.stat().st_size for p in art.shard_paths())
     elapsed = time.time() - t0
+    form = {"samples": opts.samples, "seed": opts.seed} if sampled else {"top_k": k}
+    summary = summarize_stats(total)
     manifest = art.finish(
-        model=model_name, model_path=spec.path, dtype=spec.dtype, top_k=k, shard_size=S, n_shards=n_shards,
+        model=model_name, model_path=spec.path, dtype=spec.dtype, distribution=opts.distribution, **form,
+        max_entries=int(total.get("max_entries", 0)), shard_size=S, n_shards=n_shards,
         n_blocks=len(blocks), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
         tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
         tokens_per_second=round(n_tok / elapsed, 1) if n_tok else None,
-        mean_nll_per_byte=float(np.sum(ds["nll_sum"]) / max(np.sum(ds["scored_bytes"]), 1)),
+        mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
+        mass_kept=summary["mass_kept"], gold_in_stored_fraction=summary["gold_in_stored_fraction"],
+        entries_per_position=summary["entries_per_position"],
+        diagnostics_per_domain={d: summarize_stats(st) for d, st in sorted(domains.items())},
     )
-    log(f"extract {model_name}: {len(blocks)} blocks, {n_tokens} tokens, {manifest['bytes_per_token']} bytes/token "
-        f"-> {art.path}")
+    what = f"{opts.samples} draws" if sampled else f"top-{k}"
+    log(f"extract {model_name} ({what}): {len(blocks)} blocks, {n_tokens} tokens, {manifest['bytes_per_token']} "
+        f"bytes/token, {summary['entries_per_position']} entries/position keeping {summary['mass_kept']:.1%} of the "
+        f"probability mass, gold token stored at {summary['gold_in_stored_fraction']:.1%} of positions -> {art.path}")
+    log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
+        {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
+         for d, s in manifest["diagnostics_per_domain"].items()}))
     return manifest
