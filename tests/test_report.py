@@ -292,7 +292,7 @@ def test_report_in_a_browser_at_1400px(tmp_path):
     checks, shot = render(run / "report" / "report.html", tmp_path)
     assert_layout(checks, n_images=6)
     heads = [t["head"].replace("\u00a0", " ") for t in checks["tables"]]
-    assert heads == ["fused − … [95% CI]", "model", "model", "source", "source", "artifact"]
+    assert heads == ["fused − … [95% CI]", "model", "model", "manifest field", "manifest field", "artifact"]
     # At 1400 px every table of a four-domain run fits without scrolling, alignment's included.
     for t in checks["tables"]:
         assert t["scrollWidth"] <= t["wrapClient"], t["head"]

@@ -567,6 +567,9 @@ def write_report(run_dir: str | Path) -> Path:
     doc = _Doc()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
     results = read_json(run_dir / "eval" / "results.json")
+    if results and results.get("models"):  # results.json has sorted keys: show models in a reading order
+        rank = {"target": 0, "source": 1, "fused": 2, "clm": 3}
+        results["models"] = dict(sorted(results["models"].items(), key=lambda kv: rank.get(kv[1].get("kind"), 4)))
     # The verdict comes first: what fusion did, against the control and the best source.
     paragraphs, head, rows = verdict(results)
     doc.p(paragraphs[0])
@@ -635,9 +638,13 @@ def write_report(run_dir: str | Path) -> Path:
             doc.p(f"`{stage}`: not run.")
             continue
         keys = sorted({k for s in found.values() for k in s})
-        doc.p(f"**{title}** (from `{stage}/<source>/manifest.json`).")
-        doc.table(["source", *keys], [[s, *[_fmt(found[s].get(k)) for k in keys]] for s in found])
         fr = {s: fraction_stats(v) for s, v in found.items()}
+        fractions = {k for v in fr.values() for k in v}
+        doc.p(f"**{title}** (from `{stage}/<source>/manifest.json`).")
+        # One row per manifest field, one column per source: as many fields as a stage records,
+        # the table stays as wide as the number of sources.
+        doc.table(["manifest field", *found],
+                  [[k, *[_fmt(found[s].get(k), k in fractions) for s in found]] for k in keys])
         if any(fr.values()):
             doc.img(plot_fractions(fr, title, out / f"{stage}.png"), title)
 
@@ -683,10 +690,10 @@ def _umask() -> int:
     return mask
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: float | None, fraction: bool = False) -> str:
     if v is None:
         return "–"
-    if float(v).is_integer() and abs(v) >= 1:
+    if float(v).is_integer() and abs(v) >= 1 and not fraction:
         return f"{int(v):,}"
     return f"{v:.4f}"
 
