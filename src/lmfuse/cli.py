@@ -138,6 +138,16 @@ def run(config: Config, overwrite: Overwrite = False):
 
 
 @app.command()
+def sweep(sweep_file: Annotated[Path, typer.Argument(help="the sweep file (docs/sweep.md)", metavar="SWEEP.yaml")],
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="check every variant and list the runs; run nothing")
+                             ] = False):
+    """Variants of one config × seeds, sharing common artifacts; writes OUT/sweep.md, .html, .json."""
+    from lmfuse.sweep import run_sweep_file
+
+    run_sweep_file(sweep_file, dry_run=dry_run)
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path | None, typer.Option(
         "--output-dir", "-o", metavar="DIR",

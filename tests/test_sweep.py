@@ -1,0 +1,325 @@
+"""`lmfuse sweep`: shared artifacts, resume, the table, and up-front validation of every variant."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmfuse.artifacts import ArtifactDir, atomic_write_json, read_manifest
+from lmfuse.errors import LmfuseError
+from lmfuse.evaluate import per_block, summarize
+from lmfuse.stats import paired_bootstrap
+from lmfuse.sweep import (
+    _link,
+    compare_blocks,
+    grid_variants,
+    key_problem,
+    load_sweep,
+    run_sweep_file,
+    set_dotted,
+    store_counts,
+)
+
+TWO = [{"name": "minCE"}, {"name": "avgCE", "set": {"train.fusion": "avgCE"}}]
+
+
+def _write_sweep(tmp_path: Path, variants, name: str = "sweep.yaml", **extra) -> Path:
+    path = tmp_path / name
+    data = {"base": "config.yaml", "output_dir": "sweep", "seeds": [0, 1], "variants": variants, **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _ran(lines: list[str]) -> list[str]:
+    """The stages a sweep ran, as `run:label` (from its log)."""
+    out = []
+    for line in lines:
+        s = line.strip()
+        if s.startswith("[run]") or s.startswith("[resume]"):
+            out.append(s.split()[1])
+    return out
+
+
+def _runs(out: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((out / "runs").iterdir())}
+
+
+# -- the whole thing on tiny models ------------------------------------------------------------
+def test_sweep_shares_artifacts_skips_finished_runs_and_runs_only_new_variants(make_config, tmp_path):
+    make_config({"train.max_steps": 2, "eval.batch_size": 16})
+    sweep_file = _write_sweep(tmp_path, TWO)
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+    doc = run_sweep_file(sweep_file, log=lines.append)
+
+    # Extraction, vocab maps and alignment ran once for the 4 runs; the control once per seed.
+    ran = _ran(lines)
+    for label in ("prepare", "extract/tgt", "extract/src_spm", "extract/src_wp", "vocab_map/src_spm",
+                  "vocab_map/src_wp", "align/src_spm", "align/src_wp"):
+        assert ran.count(label) == 1, (label, ran)
+    assert ran.count("train/clm") == 2 and ran.count("train/fused") == 4
+    assert store_counts(out) == {"prepare": 1, "extract": 3, "vocab_map": 2, "align": 2, "train/fused": 4,
+                                 "train/clm": 2, "eval records": 3 + 4 + 2}
+    runs = _runs(out)
+    assert set(runs) == {"minCE-s0", "minCE-s1", "avgCE-s0", "avgCE-s1"}
+    created = {name: read_manifest(r / "extract" / "tgt")["created"] for name, r in runs.items()}
+    assert len(set(created.values())) == 1  # one artifact, seen from every run
+    assert len({(r / "align" / "src_spm").resolve() for r in runs.values()}) == 1
+    clm = {name: (r / "train" / "clm").resolve() for name, r in runs.items()}
+    assert clm["minCE-s0"] == clm["avgCE-s0"] != clm["minCE-s1"] == clm["avgCE-s1"]
+    assert len({(r / "train" / "fused").resolve() for r in runs.values()}) == 4
+    # Each run is a full run: its config, eval results and report, with the control in them.
+    for r in runs.values():
+        assert yaml.safe_load((r / "config.yaml").read_text())["output_dir"] == str(r)
+        assert {"tgt", "src_spm", "src_wp", "fused", "clm"} <= set(json.loads((r / "eval" / "results.json").read_text())["models"])
+        assert (r / "report" / "report.html").exists()
+    # The shared control was scored once per seed: the second variant found it in the cache.
+    assert sum("clm: " in x and "(cached)" in x for x in lines) == 2
+
+    # The table: a row per variant and per (variant, seed), the control, CIs, mean ± std.
+    md = (out / "sweep.md").read_text()
+    domains = doc["domains"]
+    assert domains and doc["groups"] == [*domains, "overall"]
+    assert "| `minCE` | 0 |" in md and "| `avgCE` | 1 |" in md and "**mean ± std**" in md
+    assert "control (λ = 1)" in md and "inside the noise" in md and "[" in md
+    for v in doc["variants"]:
+        assert [r["seed"] for r in v["runs"]] == [0, 1]
+        for g in doc["groups"]:
+            for r in v["runs"]:
+                c = r["vs_control"][g]
+                assert c["diff"] == pytest.approx(r["fused"][g] - r["control"][g], abs=1e-9)
+                assert c["lo"] <= c["diff"] <= c["hi"]
+            m = v["vs_control"][g]
+            assert m["mean"] == pytest.approx(sum(r["vs_control"][g]["diff"] for r in v["runs"]) / 2)
+            assert math.isfinite(m["std"]) and m["lo"] <= m["hi"]
+        assert set(v["vs_best_source"]) == set(doc["groups"])
+    assert len(doc["controls"]) == 1 and doc["controls"][0]["variants"] == ["minCE", "avgCE"]
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["variants"][0]["name"] == "minCE"
+    html = (out / "sweep.html").read_text()
+    assert 'src="sweep_vs_control.png"' in html and (out / "sweep_vs_control.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "sweep_vs_best_source.png").exists()
+
+    # Rerunning skips everything: no stage, no eval, no report is run again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "sweep." not in p.name
+              and not p.name.startswith("sweep_") and p.name != ".sweep.lock"}
+    lines.clear()
+    again = run_sweep_file(sweep_file, log=lines.append)
+    assert _ran(lines) == []
+    assert sum("finished earlier and current; skipped" in x for x in lines) == 4
+    assert not any(x.startswith("eval:") for x in lines)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [v["vs_control"] for v in again["variants"]] == [v["vs_control"] for v in doc["variants"]]
+
+    # A new variant: only its fused trainings run (λ is a fusion option: the controls are shared).
+    sweep_file = _write_sweep(tmp_path, [*TWO, {"name": "lam05", "set": {"train.clm_weight": 0.5}}])
+    lines.clear()
+    third = run_sweep_file(sweep_file, log=lines.append)
+    assert _ran(lines) == ["train/fused", "train/fused"]
+    assert sum("finished earlier and current; skipped" in x for x in lines) == 4
+    assert [v["name"] for v in third["variants"]] == ["minCE", "avgCE", "lam05"]
+    assert store_counts(out)["train/clm"] == 2 and store_counts(out)["train/fused"] == 6
+    assert "| `lam05` | 0 |" in (out / "sweep.md").read_text()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the finished runs were not touched
+
+    # Dropping a variant leaves its runs on disk and out of the table.
+    sweep_file = _write_sweep(tmp_path, TWO[:1])
+    lines.clear()
+    fourth = run_sweep_file(sweep_file, log=lines.append)
+    assert [v["name"] for v in fourth["variants"]] == ["minCE"]
+    assert any("not in the sweep any more" in x and "avgCE-s0" in x for x in lines)
+    assert (out / "runs" / "avgCE-s0" / "eval" / "results.json").exists()
+
+
+def test_a_half_finished_run_resumes_where_it_stopped(make_config, tmp_path):
+    make_config({"train.max_steps": 1, "eval.batch_size": 16})
+    sweep_file = _write_sweep(tmp_path, [{"name": "only"}], seeds=[0])
+    run_sweep_file(sweep_file, log=lambda *a: None)
+    out = tmp_path / "sweep"
+    run = out / "runs" / "only-s0"
+    # As if killed during the control's training and in the middle of the target's extraction.
+    (run / "train" / "clm" / "manifest.json").unlink()
+    ext = run / "extract" / "tgt"
+    (ext / "manifest.json").unlink()
+    shards = sorted((ext / "shards").glob("*.arrow"))
+    assert len(shards) > 1
+    kept = shards[0].read_bytes()
+    for p in shards[1:]:
+        p.unlink()
+    lines: list[str] = []
+    run_sweep_file(sweep_file, log=lines.append)
+    assert [x.strip().split()[1] for x in lines if x.strip().startswith("[resume]")] == ["extract/tgt", "train/clm"]
+    assert shards[0].read_bytes() == kept
+    assert read_manifest(ext) is not None and read_manifest(run / "train" / "clm") is not None
+
+
+# -- checks before any work --------------------------------------------------------------------
+def test_invalid_variants_are_reported_all_at_once_before_any_work(make_config, tmp_path):
+    make_config({"train.max_steps": 2})
+    sweep_file = _write_sweep(tmp_path, [
+        {"name": "ok"},
+        {"name": "typo", "set": {"train.fusionn": "avgCE"}},
+        {"name": "lam2", "set": {"train.clm_weight": 2}},
+        {"name": "nofusion", "set": {"train.fusion": "maxCE"}},
+        {"name": "seeded", "set": {"train.seed": 3}},
+    ])
+    with pytest.raises(LmfuseError) as e:
+        run_sweep_file(sweep_file, log=lambda *a: None)
+    msg = str(e.value)
+    assert "variant 'typo': set: train.fusionn: no config key 'train.fusionn'; did you mean fusion?" in msg
+    assert "variant 'lam2': train.clm_weight: λ (clm_weight) must lie in [0, 1]" in msg
+    assert "variant 'nofusion': train.fusion: unknown" in msg
+    assert "variant 'seeded': set: train.seed: cannot be set in a sweep" in msg
+    assert "'ok'" not in msg
+    assert "nothing has been run" in msg and e.value.where == str(sweep_file)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_problem_of_the_base_config_is_reported_once(make_config, tmp_path):
+    make_config({"train.max_steps": 2, "corpus.path": str(tmp_path / "missing.jsonl")})
+    sweep_file = _write_sweep(tmp_path, {"grid": {"train.fusion": ["minCE", "avgCE"]}})
+    with pytest.raises(LmfuseError) as e:
+        run_sweep_file(sweep_file, log=lambda *a: None)
+    msg = str(e.value)
+    assert msg.count("does not exist") == 1 and "base config config.yaml: corpus.path" in msg
+
+
+def test_sweep_file_problems_are_listed_together(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "nope.yaml", "seeds": [1, 1], "colour": "red",
+                                    "variants": [{"name": "a b"}, {"name": "x", "sett": {}}]}))
+    with pytest.raises(LmfuseError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    for part in ("output_dir: Field required", "colour: Extra inputs are not permitted", "variants[0].name",
+                 "variants[1].sett", "seeds: repeated values", "base: the config 'nope.yaml' does not exist"):
+        assert part in msg, part
+    path.write_text(yaml.safe_dump({"base": "lmfuse:demo", "output_dir": "o", "variants": {"grid": {"train.fusion": []}}}))
+    with pytest.raises(LmfuseError, match="variants.grid.train.fusion: expected a non-empty list"):
+        load_sweep(path)
+
+
+def test_dry_run_lists_the_runs_and_runs_nothing(make_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmfuse.cli import app
+
+    make_config({"train.max_steps": 2})
+    sweep_file = _write_sweep(tmp_path, {"grid": {"train.fusion": ["minCE", "avgCE"], "train.clm_weight": [0.9, 0.5]}})
+    res = CliRunner().invoke(app, ["sweep", str(sweep_file), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "4 variant(s) × 2 seed(s) = 8 run(s)" in res.output
+    assert "fusion=avgCE+clm_weight=0.5-s1" in res.output and res.output.count("to run") == 8
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_demo_base_needs_no_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "lmfuse:demo-quick", "output_dir": "o", "seeds": [0],
+                                    "set": {"train.eval_every": 0},
+                                    "variants": [{"name": "base"}, {"name": "gold", "set": {"train.outside_topk": "gold"}}]}))
+    sweep = load_sweep(path)
+    assert sweep.base["target"]["path"] == "pull:smollm2-135m-instruct"
+    from lmfuse.sweep import build_runs
+
+    runs = build_runs(sweep)
+    assert [r.name for r in runs] == ["base-s0", "gold-s0"]
+    assert runs[1].cfg.train.outside_topk == "gold" and runs[1].cfg.train.eval_every == 0
+    assert runs[1].cfg.run_dir == tmp_path / "o" / "runs" / "gold-s0"
+
+
+# -- pieces ------------------------------------------------------------------------------------
+def test_grid_variants_are_the_product_named_by_their_values():
+    vs = grid_variants({"train.fusion": ["minCE", "avgCE"], "train.clm_weight": [0.9, 0.5],
+                        "align.token_rule": ["map"]})
+    assert [v.name for v in vs] == ["fusion=minCE+clm_weight=0.9+token_rule=map",
+                                    "fusion=minCE+clm_weight=0.5+token_rule=map",
+                                    "fusion=avgCE+clm_weight=0.9+token_rule=map",
+                                    "fusion=avgCE+clm_weight=0.5+token_rule=map"]
+    assert vs[3].overrides == {"train.fusion": "avgCE", "train.clm_weight": 0.5, "align.token_rule": "map"}
+    same_end = grid_variants({"train.seed": [1], "prepare.seed": [2]})  # keys that end alike keep their section
+    assert same_end[0].name == "train.seed=1+prepare.seed=2"
+
+
+def test_dotted_keys():
+    assert key_problem("train.fusion") is None and key_problem("sources.0.dtype") is None
+    assert key_problem("baselines.merge") is None and key_problem("train") is None
+    assert "did you mean top_k" in key_problem("extract.topk")
+    assert "index it by number" in key_problem("sources.dtype")
+    assert "plain value" in key_problem("train.fusion.x")
+    assert "cannot be set" in key_problem("output_dir")
+    data = {"train": {"fusion": "minCE", "level": "token"}, "sources": [{"name": "a"}]}
+    assert set_dotted(data, "train", {"fusion": "avgCE"}) is None
+    assert data["train"] == {"fusion": "avgCE", "level": "token"}  # a mapping is merged, not replaced
+    assert set_dotted(data, "sources.0.dtype", "float32") is None and data["sources"][0]["dtype"] == "float32"
+    assert "no entry 3" in set_dotted(data, "sources.3.dtype", "x")
+    assert set_dotted(data, "extract.top_k", 4) is None and data["extract"] == {"top_k": 4}
+
+
+def _record(kind, blocks, shift, rng, bytes_shift=0):
+    rows = [(( 1.0 + shift + h) * math.log(2) * (nb - bytes_shift), 10, nb - bytes_shift) for _, _, h, nb in blocks]
+    rows = [(r[0] + rng.gauss(0, 0.5), r[1], r[2]) for r in rows]
+    rec = summarize(rows, [d for _, d, _, _ in blocks])
+    rec["kind"] = kind
+    rec["per_block"] = per_block(rows, [{"block_id": i, "domain": d} for i, d, _, _ in blocks])
+    return rec
+
+
+def test_compare_blocks_pairs_by_block_and_averages_seeds():
+    rng = random.Random(0)
+    blocks = [(i, "a" if i % 2 else "b", rng.gauss(0, 0.1), rng.randint(200, 400)) for i in range(30)]
+    f0, f1 = _record("fused", blocks, -0.01, rng), _record("fused", blocks, -0.02, rng)
+    c0, c1 = _record("clm", blocks, 0.0, rng), _record("clm", blocks, 0.0, rng)
+    src = _record("source", blocks, 0.05, rng, bytes_shift=2)
+    one = compare_blocks([f0], [c0], "a")
+    sel = [k for k, b in enumerate(blocks) if b[1] == "a"]
+    pb0, pc0 = f0["per_block"], c0["per_block"]
+    assert one == paired_bootstrap([pb0["nll"][k] for k in sel], [pc0["nll"][k] for k in sel],
+                                   [pb0["bytes"][k] for k in sel], b_nbytes=[pc0["bytes"][k] for k in sel])
+    # Block order does not matter: pairing is by block id.
+    shuffled = json.loads(json.dumps(c0))
+    order = list(range(30))
+    rng.shuffle(order)
+    shuffled["per_block"] = {k: [v[i] for i in order] for k, v in c0["per_block"].items()}
+    assert compare_blocks([f0], [shuffled], "overall") == compare_blocks([f0], [c0], "overall")
+    # Two seeds with the same bytes: the seed-averaged difference is the mean of the two.
+    both = compare_blocks([f0, f1], [c0, c1], "overall")
+    d0, d1 = compare_blocks([f0], [c0], "overall").diff, compare_blocks([f1], [c1], "overall").diff
+    assert both.diff == pytest.approx((d0 + d1) / 2, abs=1e-12) and both.lo < both.diff < both.hi
+    # Against a source with its own bytes; and without per-block figures, the difference only.
+    assert compare_blocks([f0], [src], "b").diff == pytest.approx(f0["domains"]["b"]["bpb"] - src["domains"]["b"]["bpb"])
+    bare = {k: v for k, v in f0.items() if k != "per_block"}
+    iv = compare_blocks([bare], [c0], "overall")
+    assert iv.diff == pytest.approx(f0["overall"]["bpb"] - c0["overall"]["bpb"]) and math.isnan(iv.lo)
+
+
+def test_links_never_replace_a_real_directory_and_overwrite_never_deletes_the_store(tmp_path):
+    target = tmp_path / "store" / "extract" / "k1"
+    link = tmp_path / "runs" / "a-s0" / "extract" / "tgt"
+    _link(link, target)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    _link(link, target)  # idempotent
+    art = ArtifactDir(link, "extract", "h1", {"prepare": "p"})
+    art.begin()
+    art.finish()
+    other = tmp_path / "store" / "extract" / "k2"
+    _link(link, other)  # the variant changed: re-pointed, the old entry kept
+    assert link.resolve() == other.resolve() and read_manifest(target) is not None
+    _link(link, target)
+    # `lmfuse run RUN/config.yaml --overwrite` after a config edit: the stale artifact behind the link
+    # must not be deleted (it is shared); today's ArtifactDir.begin stops at the link.
+    stale = ArtifactDir(link, "extract", "h2", {"prepare": "p"}, overwrite=True)
+    with contextlib.suppress(OSError):
+        stale.begin()
+    assert read_manifest(target) is not None and (target / "stage.json").exists()
+    real = tmp_path / "runs" / "a-s0" / "align" / "s"
+    real.mkdir(parents=True)
+    atomic_write_json(real / "x.json", {})
+    with pytest.raises(LmfuseError, match="not a link into the sweep's store"):
+        _link(real, tmp_path / "store" / "align" / "k")
