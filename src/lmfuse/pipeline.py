@@ -88,5 +88,5 @@ def run_pipeline(cfg, overwrite: bool = False, log: Callable = print, report: bo
     if report:
         run_eval(cfg)
         path = write_report(run_dir)
-        log(f"report: {path}")
+        log(f"report: {path.with_suffix('.html')} (and {path.name})")
     return outcome
