@@ -234,6 +234,16 @@ def test_demo_base_needs_no_file(tmp_path):
     assert runs[1].cfg.run_dir == tmp_path / "o" / "runs" / "gold-s0"
 
 
+def test_the_example_sweep_checks_out():
+    from lmfuse.sweep import build_runs
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+    sweep = load_sweep(example)
+    runs = build_runs(sweep)
+    assert len(runs) == 7 * 2 and sweep.out_dir == example.parents[1] / "lmfuse-sweep"
+    assert {r.cfg.train.eval_every for r in runs} == {0}
+
+
 # -- pieces ------------------------------------------------------------------------------------
 def test_grid_variants_are_the_product_named_by_their_values():
     vs = grid_variants({"train.fusion": ["minCE", "avgCE"], "train.clm_weight": [0.9, 0.5],

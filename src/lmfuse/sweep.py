@@ -238,7 +238,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def _resolve(p: str | Path, here: Path) -> Path:
     q = Path(p).expanduser()
-    return q if q.is_absolute() else here / q
+    return Path(os.path.abspath(q if q.is_absolute() else here / q))  # `..` folded, links kept
 
 
 def _problems_error(problems: Sequence[str], where: str | Path) -> LmfuseError:
