@@ -99,7 +99,7 @@ def main() -> None:
     choices = [T_tab.texts[j] for j in cands]
     (fast_idx, _), t_fast = timed(min_edit_distance, queries, choices, args.workers, repeat=3)
     ref_idx, t_brute = timed(brute_min_ed, queries, choices)
-    assert fast_idx.tolist() == ref_idx, "mined differs from the brute-force reference"
+    assert np.array_equal(fast_idx, np.asarray(ref_idx)), "mined differs from the brute-force reference"
 
     def cdist_all(qs):
         from rapidfuzz import process
@@ -114,7 +114,7 @@ def main() -> None:
         return out
 
     cd_idx, t_cdist = timed(cdist_all, queries, repeat=3)
-    assert cd_idx == ref_idx, "unpruned cdist differs from the brute-force reference"
+    assert np.array_equal(np.asarray(cd_idx), np.asarray(ref_idx)), "unpruned cdist differs from the brute-force reference"
     res.update(mined_sample_tokens=len(sample), mined_fast_s=t_fast, mined_brute_s=t_brute, mined_cdist_s=t_cdist,
                mined_speedup_vs_brute=t_brute / t_fast, mined_speedup_vs_cdist=t_cdist / t_fast)
     print(f"mined on {len(sample)} Gemma tokens: fast {t_fast:.3f}s, brute-force {t_brute:.1f}s "
