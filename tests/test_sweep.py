@@ -328,6 +328,11 @@ def test_links_never_replace_a_real_directory_and_overwrite_never_deletes_the_st
     with contextlib.suppress(OSError):
         stale.begin()
     assert read_manifest(target) is not None and (target / "stage.json").exists()
+    # A variant that drops a source loses the run's link to its artifacts, not the artifacts.
+    from lmfuse.sweep import _unlink_others
+
+    _unlink_others(tmp_path / "runs" / "a-s0", {"prepare", "train/fused"})
+    assert not link.is_symlink() and read_manifest(target) is not None
     real = tmp_path / "runs" / "a-s0" / "align" / "s"
     real.mkdir(parents=True)
     atomic_write_json(real / "x.json", {})

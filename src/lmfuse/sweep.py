@@ -523,6 +523,7 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
         step.run(False)
         ran.append(step.label)
         log(f"         {step.label} done in {time.time() - t0:.1f} s")
+    _unlink_others(run.dir, set(keys))
     (run.dir / "eval").mkdir(exist_ok=True)
     _link(run.dir / "eval" / "cache", store / "eval_cache")
     marker = {"variant": run.variant.name, "seed": run.seed, "set": run.variant.overrides,
@@ -534,6 +535,17 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
     write_report(run.dir)
     atomic_write_json(run.dir / MARKER, {**marker, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return "ran"
+
+
+def _unlink_others(run_dir: Path, labels: set[str]) -> None:
+    """Remove the run's links to artifacts its config no longer has (a variant dropped a source).
+
+    Only the links go (the store keeps the artifacts); the report would otherwise still list them.
+    """
+    for stage in ("extract", "vocab_map", "align", "train"):
+        for p in sorted((run_dir / stage).glob("*")):
+            if p.is_symlink() and f"{stage}/{p.name}" not in labels:
+                p.unlink()
 
 
 def is_finished(run: Run) -> bool:
@@ -637,7 +649,10 @@ def _settings(v: Variant) -> str:
 
 # -- the table ---------------------------------------------------------------------------------
 def _first_of_kind(models: dict, kind: str) -> str | None:
-    return next((label for label, rec in models.items() if rec.get("kind") == kind), None)
+    """The model of a kind: the one labelled as the kind (`fused`, `clm`) if any, else the first."""
+    if models.get(kind, {}).get("kind") == kind:
+        return kind
+    return next((label for label, rec in sorted(models.items()) if rec.get("kind") == kind), None)
 
 
 def _bpb(rec: dict, group: str) -> float:
