@@ -953,7 +953,7 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
               "#CCB974", "#64B5CD"]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     n = len(variants)
-    fig = Figure(figsize=(max(6.5, 1.2 + len(groups) * (0.5 + 0.28 * n)), 4.8), dpi=110, layout="constrained")
+    fig = Figure(figsize=(max(7.5, 1.2 + len(groups) * (0.5 + 0.28 * n)), 4.8), dpi=110, layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(groups))
     width = 0.8 / n
@@ -986,8 +986,7 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     ax.set_xticks(x, groups)
     ref = "its control (λ = 1, same seed)" if what == "vs_control" else "the best source of the domain"
     ax.set_ylabel(f"Δ bits per byte vs {ref}\n(below 0 = better)")
-    ax.set_title(f"Variant − {ref}\none marker per seed with its 95% CI over held-out blocks; dash: mean over seeds",
-                 fontsize=10)
+    ax.set_title(f"Variant − {ref}\none marker per seed, 95% CI over held-out blocks; dash: mean", fontsize=10)
     ax.legend(fontsize=8, ncols=min(n + len(seeds), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1),
               frameon=False)
     ax.grid(axis="y", alpha=0.3)
