@@ -21,6 +21,11 @@ from lmfuse.stats import paired_bootstrap
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _align_diag(frac, mass):
+    return {"aligned_fraction": frac, "next_end_same": 0.81, "mapped_mass": mass, "exact_mass": mass - 0.2,
+            "not_target_token_mass": 0.0, "to_gold_mass": 0.12, "dropped_mass": 0.03, "gold_in_stored": 0.7}
+
+
 def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = None, per_domain: int = 10):
     """A run directory with eval results, training logs, align/vocab-map manifests and timings.
 
@@ -73,6 +78,8 @@ def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = 
              "aligned_positions": round(51234 * frac), "aligned_fraction": frac, "mapped_mass_fraction": mass,
              "exact_mass_fraction": mass - 0.2,
              "aligned_fraction_per_domain": {d: round(frac - 0.05 + 0.03 * k, 6) for k, d in enumerate(domains)},
+             "token_rule": "consistent", "diagnostics": _align_diag(frac, mass),
+             "diagnostics_per_domain": {d: _align_diag(frac - 0.01 * k, mass) for k, d in enumerate(domains)},
              "align_seconds": 30.1}))
         (run / "vocab_map" / src).mkdir(parents=True)
         (run / "vocab_map" / src / "manifest.json").write_text(json.dumps(
@@ -81,7 +88,11 @@ def make_synthetic_run(run, per_block: bool = True, domains: list[str] | None = 
              "coverage": {"unmapped": 0.0, "exact": 0.176, "mined": 0.0, "retokenize": 0.82, "special": 0.004}}))
     for m in ("smollm2", "gemma3", "coder"):
         (run / "extract" / m).mkdir(parents=True)
-        (run / "extract" / m / "manifest.json").write_text(json.dumps({"stage": "extract", "seconds": 120.0}))
+        (run / "extract" / m / "manifest.json").write_text(json.dumps(
+            {"stage": "extract", "seconds": 120.0, "distribution": "topk", "top_k": 10, "mass_kept": 0.713,
+             "gold_in_stored_fraction": 0.664, "entries_per_position": 10.0,
+             "diagnostics_per_domain": {d: {"mass_kept": 0.7 + 0.01 * k, "gold_in_stored_fraction": 0.6,
+                                            "entries_per_position": 10.0} for k, d in enumerate(domains)}}))
     (run / "prepare").mkdir()
     (run / "prepare" / "manifest.json").write_text(json.dumps({"stage": "prepare", "seconds": 2.5}))
     return run
@@ -99,6 +110,17 @@ def test_report_full_run(tmp_path):
     html = (run / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6
     assert "not run" not in text
+
+
+def test_report_shows_whether_the_targets_can_be_trusted(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    text = write_report(run).read_text()
+    section = text.split("## Can the fusion targets be trusted?")[1].split("\n## ")[0]
+    # Per model and domain (extract), per source, rule and domain (align), with the figures.
+    assert "| smollm2 | top-10 | all | 71.3% | 66.4% | 10.0 |" in section
+    assert "| smollm2 | top-10 | docs | 71.0% |" in section
+    assert "| gemma3 | consistent | all | 89.0% | 81.0% | 77.0% | 0.0% | 12.0% | 3.0% | 70.0% |" in section
+    assert section.count("| coder | consistent |") == 5  # four domains + all
 
 
 def test_report_tolerates_empty_run(tmp_path):
@@ -292,7 +314,8 @@ def test_report_in_a_browser_at_1400px(tmp_path):
     checks, shot = render(run / "report" / "report.html", tmp_path)
     assert_layout(checks, n_images=6)
     heads = [t["head"].replace("\u00a0", " ") for t in checks["tables"]]
-    assert heads == ["fused − … [95% CI]", "model", "model", "manifest field", "manifest field", "artifact"]
+    assert heads == ["fused − … [95% CI]", "model", "model", "model", "source", "manifest field", "manifest field",
+                     "artifact"]
     # At 1400 px every table of a four-domain run fits without scrolling, alignment's included.
     for t in checks["tables"]:
         assert t["scrollWidth"] <= t["wrapClient"], t["head"]

@@ -630,6 +630,9 @@ def write_report(run_dir: str | Path) -> Path:
                 f"Training and validation loss, fused (thick solid line) vs the {CONTROL} (thin dashed line); "
                 "the fused model's training curve is the LM part of its loss")
 
+    # Can the fusion targets be trusted? (before any training)
+    _target_diagnostics(doc, run_dir)
+
     # Alignment diagnostics.
     doc.h("Alignment and vocabulary mapping")
     for stage, title in (("vocab_map", "Vocabulary mapping per source"), ("align", "Alignment per source")):
@@ -668,6 +671,49 @@ def write_report(run_dir: str | Path) -> Path:
     for f in [md, out / "report.html", *out.glob("*.png")]:
         _readable(f)
     return md
+
+
+def _share(x: Any) -> str:
+    return f"{100 * float(x):.1f}%" if _num(x) and float(x) == float(x) else "–"
+
+
+def _target_diagnostics(doc: _Doc, run_dir: Path) -> None:
+    """Per model and domain, what the stored distributions keep; per source, what alignment does to them."""
+    extracts = {p.parent.name: read_json(p) for p in sorted((run_dir / "extract").glob("*/manifest.json"))}
+    aligns = {p.parent.name: read_json(p) for p in sorted((run_dir / "align").glob("*/manifest.json"))}
+    rows = []
+    for name, m in extracts.items():
+        per = {**(m.get("diagnostics_per_domain") or {}),
+               "all": {"mass_kept": m.get("mass_kept"), "gold_in_stored_fraction": m.get("gold_in_stored_fraction"),
+                       "entries_per_position": m.get("entries_per_position")}}
+        if per["all"]["mass_kept"] is None:
+            continue
+        form = (f"{m.get('samples')} draws" if m.get("distribution") == "sampled" else f"top-{m.get('top_k')}")
+        for dom, d in per.items():
+            rows.append([name, form, dom, _share(d.get("mass_kept")), _share(d.get("gold_in_stored_fraction")),
+                         f"{d['entries_per_position']:.1f}" if _num(d.get("entries_per_position")) else "–"])
+    arows = []
+    for name, m in aligns.items():
+        per = {**(m.get("diagnostics_per_domain") or {}), "all": m.get("diagnostics")}
+        if not per["all"]:
+            continue
+        for dom, d in per.items():
+            arows.append([name, m.get("token_rule", "map"), dom, *[_share(d.get(k)) for k in (
+                "aligned_fraction", "next_end_same", "mapped_mass", "not_target_token_mass", "to_gold_mass",
+                "dropped_mass", "gold_in_stored")]])
+    if not rows and not arows:
+        return
+    doc.h("Can the fusion targets be trusted?")
+    doc.p("Measured before any training. A stored distribution that keeps little of the model's probability, or "
+          "often misses the token that came next, gives biased targets when renormalised "
+          "(`train.outside_topk`); mass on tokens the target would not write there trains the target towards a "
+          "tokenization it never produces (`align.token_rule: consistent` moves or drops it). "
+          "See docs/alignment.md, Diagnostics.")
+    if rows:
+        doc.table(["model", "stored", "domain", "mass kept", "gold token stored", "entries / position"], rows)
+    if arows:
+        doc.table(["source", "token rule", "domain", "aligned", "next token ends together", "mass mapped",
+                   "on tokens the target would not write", "moved to gold", "dropped", "gold token stored"], arows)
 
 
 def _readable(path: Path) -> None:
