@@ -158,3 +158,31 @@ def test_domain_without_validation_blocks_is_refused_before_any_work(make_config
         run_prepare(cfg, log=lambda *a: None)
     assert "min_validation_blocks" in str(e.value)
     assert not (cfg.run_dir / "prepare" / "manifest.json").exists()
+
+
+def test_split_field_gives_each_documents_split(make_config, tmp_path):
+    corpus = tmp_path / "split.jsonl"
+    rows = [{"domain": d, "split": s, "text": f"{d} {s} document {i}. " * 12}
+            for d in ("a", "b") for i, s in enumerate(["train", "train", "validation", "train", "validation"])]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(make_config({"corpus.path": str(corpus), "corpus.split_field": "split",
+                                   "prepare.validation_fraction": 0.5}))
+    run_prepare(cfg, log=lambda *_: None)
+    from lmfuse.prepare import load_blocks
+
+    blocks = load_blocks(cfg)
+    for text, split in zip(blocks["text"], blocks["split"], strict=True):
+        assert f" {split} document" in text  # every block keeps its document's split
+    assert sorted(set(blocks["split"])) == ["train", "validation"]
+
+
+def test_split_field_with_a_bad_value_names_the_line(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "a", "split": "train"}\n{"text": "b", "split": "test"}\n')
+    with pytest.raises(LmfuseError, match="'test'; it must be 'train' or 'validation'") as e:
+        read_corpus(p, split_field="split")
+    assert "line 2" in str(e.value)
+    t = tmp_path / "c.txt"
+    t.write_text("hello")
+    with pytest.raises(LmfuseError, match="has no fields"):
+        read_corpus(t, split_field="split")

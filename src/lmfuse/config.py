@@ -35,6 +35,8 @@ class CorpusConfig(_Section):
     path: str = Field(description=".txt file or folder of them, .jsonl, .parquet, or a saved HF dataset dir")
     text_field: str = "text"
     domain_field: str = "domain"
+    split_field: str | None = Field(None, description="field giving each document's split (train|validation); "
+                                                      "None = split by document with prepare.validation_fraction")
     max_docs_per_domain: int | None = Field(None, ge=1)
 
 

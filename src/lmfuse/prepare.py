@@ -28,20 +28,25 @@ def _fingerprint(path: Path) -> str:
     return hash_obj([[str(p.relative_to(path) if path.is_dir() else p.name), file_hash(p)] for p in files])
 
 
-def read_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain") -> list[dict]:
-    """Documents as `{"text", "domain"}` dicts, in file order.
+def read_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain",
+                split_field: str | None = None) -> list[dict]:
+    """Documents as `{"text", "domain"}` dicts (+ `"split"` with `split_field`), in file order.
 
     Accepts a `.txt` file (domain = file name), a folder of `.txt` files (domain = the
     sub-folder name, or the file name for files at the top), `.jsonl`, `.parquet`, or a saved
-    HF dataset folder.
+    HF dataset folder. With `split_field`, every record must say `train` or `validation` there
+    (plain-text corpora have no fields, so it does not apply to them).
     """
     path = Path(path)
     if not path.exists():
         raise LmfuseError(f"corpus {path} does not exist", where="corpus.path", fix="check the path in the config")
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
                           or (path / "dataset_dict.json").exists()):
-        docs = list(_read_hf(path, text_field, domain_field))
+        docs = list(_read_hf(path, text_field, domain_field, split_field))
     elif path.is_dir():
+        if split_field:
+            raise LmfuseError("corpus.split_field is set, but a folder of .txt files has no fields", where=str(path),
+                              fix="use a .jsonl/.parquet corpus with a split field, or remove corpus.split_field")
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise LmfuseError(f"folder {path} holds no .txt files", where="corpus.path",
@@ -52,11 +57,14 @@ def read_corpus(path: str | Path, text_field: str = "text", domain_field: str = 
             domain = rel.parts[0] if len(rel.parts) > 1 else f.stem
             docs.append({"text": _read_text(f), "domain": domain})
     elif path.suffix == ".txt":
+        if split_field:
+            raise LmfuseError("corpus.split_field is set, but a .txt file has no fields", where=str(path),
+                              fix="use a .jsonl/.parquet corpus with a split field, or remove corpus.split_field")
         docs = [{"text": _read_text(path), "domain": path.stem}]
     elif path.suffix in (".jsonl", ".json"):
-        docs = list(_read_jsonl(path, text_field, domain_field))
+        docs = list(_read_jsonl(path, text_field, domain_field, split_field))
     elif path.suffix == ".parquet":
-        docs = list(_read_table(path, text_field, domain_field))
+        docs = list(_read_table(path, text_field, domain_field, split_field))
     else:
         raise LmfuseError(f"unsupported corpus format {path.suffix!r}", where=str(path),
                           fix="use .txt, a folder of .txt, .jsonl, .parquet or a saved HF dataset folder")
@@ -77,7 +85,11 @@ def _read_text(f: Path) -> str:
         raise LmfuseError(f"cannot read file: {e.strerror}", where=str(f), fix="check its permissions") from e
 
 
-def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_domain: str) -> dict:
+SPLITS = ("train", "validation")
+
+
+def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_domain: str,
+         split_field: str | None = None) -> dict:
     if not isinstance(rec, dict) or text_field not in rec:
         keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
         raise LmfuseError(f"record has no {text_field!r} field (it has: {keys})", where=where,
@@ -86,10 +98,17 @@ def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_doma
     if not isinstance(text, str):
         raise LmfuseError(f"field {text_field!r} is a {type(text).__name__}, not a string", where=where)
     domain = rec.get(domain_field)
-    return {"text": text, "domain": str(domain) if domain not in (None, "") else default_domain}
+    doc = {"text": text, "domain": str(domain) if domain not in (None, "") else default_domain}
+    if split_field:
+        split = rec.get(split_field)
+        if split not in SPLITS:
+            raise LmfuseError(f"field {split_field!r} is {split!r}; it must be 'train' or 'validation'", where=where,
+                              fix=f"give every record {split_field!r}: train|validation, or remove corpus.split_field")
+        doc["split"] = split
+    return doc
 
 
-def _read_jsonl(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+def _read_jsonl(path: Path, text_field: str, domain_field: str, split_field: str | None = None) -> Iterator[dict]:
     text = _read_text(path)
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -99,10 +118,10 @@ def _read_jsonl(path: Path, text_field: str, domain_field: str) -> Iterator[dict
         except json.JSONDecodeError as e:
             raise LmfuseError(f"invalid JSON: {e.msg}", where=f"{path}, line {n}",
                               fix="each line of a .jsonl file must be one JSON object") from e
-        yield _doc(rec, text_field, domain_field, f"{path}, line {n}", path.stem)
+        yield _doc(rec, text_field, domain_field, f"{path}, line {n}", path.stem, split_field)
 
 
-def _read_table(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+def _read_table(path: Path, text_field: str, domain_field: str, split_field: str | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -113,10 +132,10 @@ def _read_table(path: Path, text_field: str, domain_field: str) -> Iterator[dict
         raise LmfuseError(f"no {text_field!r} column (columns: {', '.join(table.column_names)})", where=str(path),
                           fix="set corpus.text_field to the column holding the text")
     for n, rec in enumerate(table.to_pylist()):
-        yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.stem)
+        yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.stem, split_field)
 
 
-def _read_hf(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
+def _read_hf(path: Path, text_field: str, domain_field: str, split_field: str | None = None) -> Iterator[dict]:
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(str(path))
@@ -126,7 +145,7 @@ def _read_hf(path: Path, text_field: str, domain_field: str) -> Iterator[dict]:
             raise LmfuseError(f"no {text_field!r} column (columns: {', '.join(part.column_names)})",
                               where=str(path), fix="set corpus.text_field to the column holding the text")
         for n, rec in enumerate(part):
-            yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.name)
+            yield _doc(rec, text_field, domain_field, f"{path}, row {n}", path.name, split_field)
 
 
 # -- cutting into blocks ------------------------------------------------------------------------
@@ -254,16 +273,22 @@ def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
     """All blocks of a corpus as a table (columns in ARCHITECTURE.md)."""
     per_doc: list[list[str]] = []
     kept_per_domain: dict[str, int] = {}
+    fixed = bool(docs) and "split" in docs[0]  # the corpus gives each document's split
     for d in docs:
         blocks = [b for b in split_document(d["text"], tokenizers, pc.block_size) if len(b.strip()) >= pc.min_block_chars]
         if pc.max_blocks_per_domain is not None:
-            room = pc.max_blocks_per_domain - kept_per_domain.get(d["domain"], 0)
+            # With given splits, the cap holds for each split of a domain (the held-out set stays as asked).
+            cap_key = (d["domain"], d["split"]) if fixed else d["domain"]
+            room = pc.max_blocks_per_domain - kept_per_domain.get(cap_key, 0)
             blocks = blocks[:max(room, 0)]
-        kept_per_domain[d["domain"]] = kept_per_domain.get(d["domain"], 0) + len(blocks)
+            kept_per_domain[cap_key] = kept_per_domain.get(cap_key, 0) + len(blocks)
         per_doc.append(blocks)
     domains = [d["domain"] for d in docs]
-    is_val = split_train_validation(domains, [len(b) for b in per_doc], pc.validation_fraction,
-                                    pc.min_validation_blocks, pc.seed)
+    if fixed:
+        is_val = [np.full(len(b), d["split"] == "validation") for d, b in zip(docs, per_doc, strict=True)]
+    else:
+        is_val = split_train_validation(domains, [len(b) for b in per_doc], pc.validation_fraction,
+                                        pc.min_validation_blocks, pc.seed)
     rows = {"block_id": [], "doc_id": [], "domain": [], "split": [], "text": []}
     for doc_id, blocks in enumerate(per_doc):
         for j, b in enumerate(blocks):
@@ -286,7 +311,7 @@ def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
     if art.is_complete():
         return read_manifest(art.path)
     art.begin()
-    docs = read_corpus(cfg.corpus.path, cfg.corpus.text_field, cfg.corpus.domain_field)
+    docs = read_corpus(cfg.corpus.path, cfg.corpus.text_field, cfg.corpus.domain_field, cfg.corpus.split_field)
     if cfg.corpus.max_docs_per_domain:
         seen: dict[str, int] = {}
         kept = []
