@@ -195,9 +195,11 @@ def hf_model_dir(path: str | Path) -> Path | None:
 
 
 def fingerprint(spec) -> str:
-    """A cheap fingerprint of a model: config + weight files' names, sizes and mtimes."""
+    """A cheap fingerprint of a model: where it really is, its dtype, config + weight files' names,
+    sizes and mtimes (the dtype matters: without `eval.dtype` each model is scored in its own)."""
     p = Path(spec.path).expanduser()
-    parts: list[Any] = [spec.path, spec.revision]
+    p = p.resolve() if p.exists() else p
+    parts: list[Any] = [str(p) if p.exists() else spec.path, spec.revision, getattr(spec, "dtype", None)]
     if p.is_dir():
         for f in sorted(p.iterdir()):
             if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".json", ".bin", ".model")):
