@@ -62,8 +62,8 @@ def test_sample_from_logits_hand_built():
     u = np.array([[0.05, 0.25, 0.29, 0.61, 0.99],  # CDF .1 .3 .6 1
                   [0.0, 0.2, 0.5, 0.7, 1 - 1e-12],  # CDF 0 .5 .5 1: ids 0 and 2 have no mass
                   [0.0, 0.3, 0.55, 0.8, 0.9]])
-    for chunk in (1, 2, 8):
-        draws, ce, lse = sample_from_logits(logits, ids, u, chunk=chunk)
+    for chunk, block in ((1, 256), (2, 256), (8, 256), (2, 3), (8, 1)):  # one block, or several (padded)
+        draws, ce, lse = sample_from_logits(logits, ids, u, chunk=chunk, block=block)
         assert draws.tolist() == [[0, 1, 1, 3, 3], [1, 1, 3, 3, 3], [0, 1, 2, 3, 3]]
         lsm = torch.log_softmax(logits, -1)
         assert torch.allclose(lse, torch.logsumexp(logits, -1))
@@ -75,8 +75,22 @@ def test_sample_from_logits_hand_built():
     assert torch.equal(lb, before)
     bad = logits.clone()
     bad[1, 2] = float("nan")
-    _, _, lse = sample_from_logits(bad, ids, u)
+    draws, _, lse = sample_from_logits(bad, ids, u, block=3)
     assert torch.isfinite(lse).tolist() == [True, False, True]
+    assert draws.min() >= 0 and draws.max() < 4  # meaningless there, but in range
+
+
+def test_sample_from_logits_matches_an_exact_inverse_cdf():
+    """Against a float64 inverse CDF on a 1000-id vocabulary: the same ids up to rounding."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 1000) * 3
+    u = sampling_uniforms(0, 0, 64, 64)
+    p = torch.softmax(logits.double(), -1)
+    ref = torch.searchsorted(p.cumsum(-1), torch.from_numpy(u) * p.sum(-1, keepdim=True), right=True)
+    for block in (1, 7, 64, 256, 1024):
+        draws, _, lse = sample_from_logits(logits, torch.zeros(64, dtype=torch.long), u, block=block)
+        assert (draws == ref).double().mean() >= 0.999
+        torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
 
 
 def test_sampling_uniforms_depend_only_on_seed_block_and_position():
@@ -94,7 +108,7 @@ def test_sampled_distribution_is_unbiased():
     R, n = 2000, 64  # blocks (seeds of the draws), draws per position
     logits = torch.log(torch.tensor(p, dtype=torch.float32)).repeat(R, 1)  # [R*T, V]
     u = np.concatenate([sampling_uniforms(3, b, T, n) for b in range(R)])
-    draws, _, _ = sample_from_logits(logits, torch.zeros(R * T, dtype=torch.long), u)
+    draws, _, _ = sample_from_logits(logits, torch.zeros(R * T, dtype=torch.long), u, block=2)  # 3 blocks
     freq = np.zeros((R * T, V))
     lens, ids, counts = count_draws(draws.numpy())
     np.add.at(freq, (np.repeat(np.arange(R * T), lens), ids), counts / n)

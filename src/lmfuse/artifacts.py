@@ -77,7 +77,7 @@ def read_manifest(path: str | Path) -> dict | None:
     return read_json(Path(path) / MANIFEST)
 
 
-def write_arrow(path: str | Path, table: pa.Table, compression: str | None = "zstd") -> None:
+def write_arrow(path: str | Path, table: pa.Table, compression: str | None = "zstd", level: int | None = 6) -> None:
     """Write a table as one Arrow IPC stream file, atomically.
 
     Buffers are zstd-compressed by default (Arrow's own IPC compression, which every Arrow
@@ -90,9 +90,12 @@ def write_arrow(path: str | Path, table: pa.Table, compression: str | None = "zs
         path: destination file.
         table: the rows.
         compression: `zstd`, `lz4` or None (plain, memory-mappable buffers).
+        level: zstd level; 6 stores extract shards ~5% smaller than zstd's fastest level at a
+            negligible cost next to the forward passes that make them.
     """
     sink = pa.BufferOutputStream()
-    options = pa.ipc.IpcWriteOptions(compression=compression)
+    codec = pa.Codec(compression, compression_level=level if compression == "zstd" else None) if compression else None
+    options = pa.ipc.IpcWriteOptions(compression=codec)
     with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())

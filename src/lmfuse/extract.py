@@ -124,46 +124,66 @@ def sampling_uniforms(seed: int, block_id: int, T: int, n: int) -> np.ndarray:
     return u
 
 
-def sample_from_logits(logits, input_ids, uniforms, chunk: int = 8):
+def sample_from_logits(logits, input_ids, uniforms, chunk: int = 16, block: int = 64):
     """Draw ids from the full softmax by inverse CDF; also the gold-token cross-entropy.
 
-    Per chunk of positions, one fp32 copy of the logits becomes, in place, exp(logit - max)
-    and then its cumulative sum (the unnormalised CDF; on CPU torch accumulates it in
-    float64). Its last entry gives the log-partition, so no separate logsumexp pass is
-    needed, and a draw u lands on the id whose CDF step holds u * total. Ids of zero
-    probability are never drawn (their CDF step is empty). Done `chunk` positions at a time
-    so that a [T, V] fp32 copy never exists whole.
+    Two-level inverse CDF, `chunk` positions at a time (a [T, V] fp32 copy never exists
+    whole): the fp32 copy of the logits becomes, in place, exp(logit - max); its sums over
+    `block` consecutive ids give a short CDF over blocks (float64) whose total yields the
+    log-partition (no separate logsumexp pass); a draw u picks the block holding u * total,
+    then the id within that block by a cumulative sum of that block alone. This avoids a
+    sequential cumulative sum over all V ids (1.3x faster at V = 49k, 1.6x at 262k on CPU;
+    16 positions and 64-id blocks were fastest at both), and resolves the residual within a
+    block relative to the block's mass rather than the total's, so ids far below fp32's
+    resolution of the total are still drawn at their rate. Ids of zero probability are never
+    drawn (their CDF step is empty).
 
     Args:
         logits: [T, V] logits of one sequence (any float dtype; not modified).
         input_ids: [T] token ids of the sequence.
         uniforms: [T, n] float64 in [0, 1) (see `sampling_uniforms`), ascending per row.
         chunk: positions per step.
+        block: ids per block of the first level.
 
     Returns:
         draws [T, n] int64 (non-decreasing per row when the uniforms are), token_ce [T-1]
         float32, lse [T] float32 (non-finite exactly when the position's logits hold a NaN
-        or +inf, or are all -inf; the draws of such a position are meaningless).
+        or +inf, or are all -inf; the draws of such a position are meaningless but in range).
     """
     import torch
 
     T, V = logits.shape
     dev = logits.device
     u = torch.as_tensor(uniforms, dtype=torch.float64).to(dev)
-    draws = torch.empty((T, u.shape[1]), dtype=torch.int64, device=dev)
+    n = u.shape[1]
+    nb = -(-V // block)
+    draws = torch.empty((T, n), dtype=torch.int64, device=dev)
     lse = torch.empty(T, dtype=torch.float32, device=dev)
     nxt = input_ids[1:].long().to(dev)
     gold_logit = logits[:-1].gather(-1, nxt[:, None]).squeeze(-1).float() if T > 1 else lse[:0]
+    # One reused buffer; ids past V (padding to whole blocks) stay at probability 0.
+    buf = torch.zeros((min(chunk, T), nb * block), dtype=torch.float32, device=dev)
+    rows = torch.arange(min(chunk, T), device=dev)[:, None]
     for s in range(0, T, chunk):
-        f = logits[s:s + chunk].to(torch.float32, copy=True)  # (c, V); a copy: the logits stay intact
-        m = f.amax(dim=-1, keepdim=True)  # NaN propagates
-        cdf = f.sub_(m).exp_().cumsum_(dim=-1)
+        c = min(chunk, T - s)
+        e = buf[:c, :V]
+        e.copy_(logits[s:s + c])
+        m = e.amax(dim=-1, keepdim=True)  # NaN propagates
+        e.sub_(m).exp_()
+        eb = buf[:c].view(c, nb, block)
+        cdf = eb.sum(dim=-1).double().cumsum_(dim=-1)  # (c, nb) over blocks
         total = cdf[:, -1:]
-        lse[s:s + chunk] = (m + total.log()).squeeze(-1)
-        x = (u[s:s + chunk] * total.double()).float()
+        lse[s:s + c] = (m + total.log().float()).squeeze(-1)
+        x = u[s:s + c] * total  # (c, n) float64
         # Rounding must not push a draw onto the total itself (that would fall past the last id).
         x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
-        draws[s:s + chunk] = torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1)
+        blk = torch.searchsorted(cdf, x, right=True).clamp_(max=nb - 1)  # (c, n)
+        base = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), torch.zeros_like(x))
+        local = eb[rows[:c], blk].cumsum_(dim=-1)  # (c, n, block): each drawn block's own CDF
+        # x >= base, so the residual is >= 0; fp32 sums may round the block's total below it.
+        r = torch.minimum((x - base).float(), torch.nextafter(local[..., -1], torch.zeros_like(local[..., -1])))
+        within = torch.searchsorted(local, r[..., None], right=True).squeeze(-1).clamp_(max=block - 1)
+        draws[s:s + c] = (blk * block + within).clamp_(max=V - 1)  # only a NaN row can point past V
     token_ce = lse[:-1] - gold_logit
     return draws, token_ce, lse
 
