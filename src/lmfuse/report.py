@@ -12,17 +12,15 @@ everyone the umask allows (0644 under the usual umask 022), like any file a prog
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmfuse.artifacts import atomic_write_bytes, read_json
+from lmfuse.document import Document
 from lmfuse.evaluate import CONTROL, display_label
 from lmfuse.stats import Interval, paired_bootstrap
 
@@ -484,87 +482,12 @@ def plot_timings(timings: list[tuple[str, float]], out: Path) -> Path:
 
 
 # -- documents ---------------------------------------------------------------------------------
-class _Doc:
-    """A tiny document model rendered to both Markdown and HTML."""
-
-    def __init__(self):
-        self.items: list[tuple] = []
-
-    def h(self, text: str, level: int = 2):
-        self.items.append(("h", level, text))
-
-    def p(self, text: str):
-        self.items.append(("p", text))
-
-    def table(self, head: Sequence[str], rows: Sequence[Sequence[Any]]):
-        self.items.append(("table", list(head), [list(r) for r in rows]))
-
-    def img(self, path: Path, alt: str):
-        self.items.append(("img", path, alt))
-
-    def markdown(self) -> str:
-        out = []
-        for it in self.items:
-            if it[0] == "h":
-                out.append("#" * it[1] + " " + it[2])
-            elif it[0] == "p":
-                out.append(it[1])
-            elif it[0] == "table":
-                out.append("| " + " | ".join(it[1]) + " |")
-                out.append("|" + "|".join(["---"] + ["---:"] * (len(it[1]) - 1)) + "|")
-                out += ["| " + " | ".join(map(str, r)) + " |" for r in it[2]]
-            else:
-                out.append(f"![{it[2]}]({it[1].name})")
-            out.append("")
-        return "\n".join(out)
-
-    def html(self, title: str) -> str:
-        body = []
-        for it in self.items:
-            if it[0] == "h":
-                body.append(f"<h{it[1]}>{html.escape(it[2])}</h{it[1]}>")
-            elif it[0] == "p":
-                cls = ' class="verdict" id="verdict"' if it[1].startswith("**Verdict") else ""
-                body.append(f"<p{cls}>{_inline(it[1])}</p>")
-            elif it[0] == "table":
-                head = "".join(f"<th>{_breakable(h)}</th>" for h in it[1])
-                rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in it[2])
-                # A table wider than the page scrolls inside its own box, never the page.
-                body.append(f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-                            f"<tbody>{rows}</tbody></table></div>")
-            else:
-                data = base64.b64encode(it[1].read_bytes()).decode()
-                body.append(f'<figure><img alt="{html.escape(it[2])}" src="data:image/png;base64,{data}">'
-                            f"<figcaption>{html.escape(it[2])}</figcaption></figure>")
-        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-                 ".table-wrap{max-width:100%;overflow-x:auto;margin:1em 0}"
-                 "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px}"
-                 "th{background:#f3f3f3;vertical-align:bottom}"
-                 "td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}"
-                 "img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{color:#666;font-size:0.9em}"
-                 "code{background:#f3f3f3;padding:1px 3px}p.verdict{font-size:1.05em}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _breakable(text: str) -> str:
-    """Escape a header and let it wrap after `_`, `.` and `/` (long manifest keys)."""
-    return re.sub(r"([_./])", r"\1<wbr>", html.escape(text))
-
-
-def _inline(text: str) -> str:
-    """Escape, then render `code` and **bold** spans."""
-    s = html.escape(text)
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-
-
 def write_report(run_dir: str | Path) -> Path:
     """Write `RUN/report/report.md`, `report.html` (PNGs embedded) and the PNGs; return the .md path."""
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    doc = _Doc()
+    doc = Document()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
     results = read_json(run_dir / "eval" / "results.json")
     if results and results.get("models"):  # results.json has sorted keys: show models in a reading order
@@ -572,7 +495,7 @@ def write_report(run_dir: str | Path) -> Path:
         results["models"] = dict(sorted(results["models"].items(), key=lambda kv: rank.get(kv[1].get("kind"), 4)))
     # The verdict comes first: what fusion did, against the control and the best source.
     paragraphs, head, rows = verdict(results)
-    doc.p(paragraphs[0])
+    doc.p(paragraphs[0], anchor="verdict")
     if rows:
         doc.table(head, rows)
     for para in paragraphs[1:]:
@@ -677,7 +600,7 @@ def _share(x: Any) -> str:
     return f"{100 * float(x):.1f}%" if _num(x) and float(x) == float(x) else "–"
 
 
-def _target_diagnostics(doc: _Doc, run_dir: Path) -> None:
+def _target_diagnostics(doc: Document, run_dir: Path) -> None:
     """Per model and domain, what the stored distributions keep; per source, what alignment does to them."""
     extracts = {p.parent.name: read_json(p) for p in sorted((run_dir / "extract").glob("*/manifest.json"))}
     aligns = {p.parent.name: read_json(p) for p in sorted((run_dir / "align").glob("*/manifest.json"))}

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import html
 import itertools
 import json
 import math
@@ -45,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmfuse.artifacts import atomic_write_bytes, atomic_write_json, hash_obj, read_json
+from lmfuse.document import Document
 from lmfuse.errors import LmfuseError
 from lmfuse.stats import Interval, paired_bootstrap
 
@@ -867,75 +867,6 @@ def _words(cells: dict, groups: Sequence[str]) -> str:
     return "; ".join(parts) or "–"
 
 
-class _Doc:
-    """Headings, paragraphs, tables and images, rendered to Markdown and to HTML."""
-
-    def __init__(self):
-        self.items: list[tuple] = []
-
-    def h(self, text: str, level: int = 2) -> None:
-        self.items.append(("h", level, text))
-
-    def p(self, text: str) -> None:
-        self.items.append(("p", text))
-
-    def table(self, head: Sequence[str], rows: Sequence[Sequence[Any]], text: Sequence[int] = (0,)) -> None:
-        """A table; columns whose index is in `text` are left-aligned, the others (figures) right-aligned."""
-        n = len(head)
-        text = {i % n for i in text}
-        self.items.append(("table", list(head), [list(r) for r in rows], text))
-
-    def img(self, name: str, alt: str) -> None:
-        self.items.append(("img", name, alt))
-
-    def markdown(self) -> str:
-        out = []
-        for it in self.items:
-            if it[0] == "h":
-                out.append("#" * it[1] + " " + it[2])
-            elif it[0] == "p":
-                out.append(it[1])
-            elif it[0] == "table":
-                out.append("| " + " | ".join(it[1]) + " |")
-                out.append("|" + "|".join("---" if i in it[3] else "---:" for i in range(len(it[1]))) + "|")
-                out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in it[2]]
-            else:
-                out.append(f"![{it[2]}]({it[1]})")
-            out.append("")
-        return "\n".join(out)
-
-    def html(self, title: str) -> str:
-        def inline(s: str) -> str:
-            s = html.escape(s)
-            s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-            s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-            return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', s)
-
-        body = []
-        for it in self.items:
-            if it[0] == "h":
-                body.append(f"<h{it[1]}>{html.escape(it[2])}</h{it[1]}>")
-            elif it[0] == "p":
-                body.append(f"<p>{inline(it[1])}</p>")
-            elif it[0] == "table":
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in it[1])
-                rows = "".join("<tr>" + "".join(f'<td class="{"t" if i in it[3] else "n"}">{inline(str(c))}</td>'
-                                                for i, c in enumerate(r)) + "</tr>" for r in it[2])
-                body.append(f'<div class="wrap"><table><thead><tr>{head}</tr></thead>'
-                            f"<tbody>{rows}</tbody></table></div>")
-            else:
-                body.append(f'<figure><img alt="{html.escape(it[2])}" src="{html.escape(it[1])}">'
-                            f"<figcaption>{html.escape(it[2])}</figcaption></figure>")
-        style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-                 ".wrap{max-width:100%;overflow-x:auto;margin:1em 0}"
-                 "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px}"
-                 "th{background:#f3f3f3;vertical-align:bottom}td.n{text-align:right;"
-                 "font-variant-numeric:tabular-nums}img{max-width:100%;height:auto}figcaption{color:#666}"
-                 "code{background:#f3f3f3;padding:1px 3px}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
 def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     """Per-domain difference of every variant to `what` (`vs_control` or `vs_best_source`).
 
@@ -995,11 +926,11 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     return out
 
 
-def render(doc: dict, out_dir: Path) -> _Doc:
+def render(doc: dict, out_dir: Path) -> Document:
     """The sweep table as a document (plots written to `out_dir`)."""
     groups = doc["groups"]
     variants = [v for v in doc["variants"] if v["runs"]]
-    d = _Doc()
+    d = Document()
     title = Path(doc["sweep"]).name if doc.get("sweep") else str(out_dir)
     d.h(f"lmfuse sweep: {title}", 1)
     if not variants:
@@ -1056,7 +987,7 @@ def render(doc: dict, out_dir: Path) -> _Doc:
     d.table(["variant", "seed", *groups, "in words"], rows, text=(0, 1, -1))
     p = plot_differences(doc, "vs_control", out_dir / "sweep_vs_control.png")
     if p:
-        d.img(p.name, "Variant − its same-seed control per domain (95% CI over held-out blocks; one marker per seed)")
+        d.img(p, "Variant − its same-seed control per domain (95% CI over held-out blocks; one marker per seed)")
 
     if any(v.get("vs_best_source") for v in variants):
         d.h("Variant − best source of each domain")
@@ -1072,7 +1003,7 @@ def render(doc: dict, out_dir: Path) -> _Doc:
         d.table(["variant", *groups, "in words"], rows, text=(0, -1))
         p = plot_differences(doc, "vs_best_source", out_dir / "sweep_vs_best_source.png")
         if p:
-            d.img(p.name, "Variant − best source of each domain (95% CI over held-out blocks; one marker per seed)")
+            d.img(p, "Variant − best source of each domain (95% CI over held-out blocks; one marker per seed)")
 
     d.h("Runs")
     rows = []
@@ -1100,7 +1031,7 @@ def write_outputs(doc: dict, out_dir: str | Path) -> Path:
     md = out_dir / "sweep.md"
     atomic_write_bytes(md, d.markdown().encode())
     title = f"lmfuse sweep: {Path(doc['sweep']).name if doc.get('sweep') else out_dir.name}"
-    atomic_write_bytes(out_dir / "sweep.html", d.html(title).encode())
+    atomic_write_bytes(out_dir / "sweep.html", d.html(title, embed_images=False).encode())
     mask = os.umask(0o022)
     os.umask(mask)
     for f in [md, out_dir / "sweep.html", out_dir / "sweep.json", *out_dir.glob("sweep_*.png")]:
