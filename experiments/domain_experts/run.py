@@ -1,0 +1,942 @@
+"""Domain experts: the paper's Table 7 (FuseLLM, Wan et al. 2024) at small scale, with lmfuse.
+
+Base = SmolLM2-135M-Instruct. Each expert is the base continually trained by lmfuse on one
+domain (λ = 1). The fusion sweep then trains the base on a small mixed corpus with the four
+experts as sources (MinCE, AvgCE) next to the λ = 1 control, over three seeds, and scores every
+model on identical held-out blocks: base, each expert, the ensemble of the experts, their linear
+merge and their task-arithmetic merge, the control and the fused models. The table gives held-out
+bits per byte per domain in the paper's layout, and fused − control with 95% paired bootstrap
+intervals, at the end of the budget and at each run's best validation checkpoint.
+
+    python experiments/domain_experts/run.py --out runs/domain_experts          # the real run
+    python experiments/domain_experts/run.py --out /tmp/de --tiny               # minutes: tests the chain
+    python experiments/domain_experts/run.py --out runs/domain_experts --steps-only table
+
+Steps (each skips what is complete; rerun the same command to resume):
+  data     OUT/data/: per-domain expert corpora, the mixed fusion corpus with its held-out documents
+           (`"split": "validation"`), stats.json (token counts). Written once.
+  experts  OUT/experts/<domain>/: an lmfuse run per domain (prepare, extract of the base, train
+           with control=True); the expert is OUT/experts/<domain>/train/clm/.
+  sweep    OUT/fusion.yaml (the base config) and OUT/sweep.yaml, run by lmfuse.sweep -> OUT/sweep/.
+  table    OUT/table7.md (and table7.json).
+
+Progress goes to the terminal and to OUT/run.log. Settings: real.yaml (default) or tiny.yaml
+next to this file, or --settings FILE. This script reads ../shared/corpora; lmfuse does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CORPORA = HERE.parents[1].parent / "shared" / "corpora"
+STEPS = ("data", "experts", "sweep", "table")
+N_BOOT, BOOT_SEED = 10_000, 0  # as lmfuse.sweep, so per-domain intervals equal the sweep's
+LN2 = math.log(2.0)
+MINUS = "\u2212"
+
+Log = Callable[[str], Any]
+
+
+# -- settings ----------------------------------------------------------------------------------
+class Settings(BaseModel):
+    """The experiment's knobs (real.yaml / tiny.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="the base model: an lmfuse model path (pull:NAME, HF dir) or `tiny`")
+    base_name: str = "smollm2"
+    domains: list[str] = Field(min_length=2)
+    seed: int = Field(0, description="seed of the data split (documents and pieces)")
+    max_docs_per_domain: int | None = Field(None, ge=3, description="read only the first N documents")
+    block_size: int = Field(256, ge=16)
+    heldout_blocks: int = Field(32, ge=1, description="held-out blocks per domain")
+    heldout_piece_tokens: int = Field(128, ge=8, description="held-out blocks are at most this long")
+    heldout_pieces_per_doc: int = Field(2, ge=1)
+    expert_tokens: int = Field(60_000, ge=1, description="tokens of each expert corpus, at least")
+    expert_pieces_per_doc: int = Field(4, ge=1)
+    expert_validation_blocks: int = Field(4, ge=1, description="a few blocks of each expert's own documents held "
+                                                               "out for its final validation loss")
+    fusion_tokens: int = Field(22_000, ge=1, description="training tokens of the fusion corpus, at most")
+    fusion_tokens_max: int = Field(30_000, ge=1, description="hard cap, checked on the prepared blocks")
+    fusion_pieces_per_doc: int = Field(2, ge=1)
+    expert_train: dict[str, Any] = Field(default_factory=dict, description="lmfuse train keys for the experts")
+    fusion_train: dict[str, Any] = Field(default_factory=dict, description="lmfuse train keys for the sweep")
+    evaluations: int = Field(4, ge=1, description="validation passes per fusion training run")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    variants: list[dict[str, Any]] = Field(min_length=1, description="lmfuse sweep variants: {name, set}")
+    extract_top_k: int = Field(10, ge=1)
+    task_arithmetic_weight: float = 1.0
+    eval: dict[str, Any] = Field(default_factory=lambda: {"batch_size": 8, "dtype": "float32"})
+    estimate: dict[str, float] = Field(default_factory=lambda: {
+        "forward_tokens_per_s": 1000.0, "train_seconds_per_step": 2.0, "overhead_s": 180.0})
+
+    def data_key(self) -> dict:
+        """The settings the data step depends on (a change means other data)."""
+        keys = ("base", "domains", "seed", "max_docs_per_domain", "block_size", "heldout_blocks",
+                "heldout_piece_tokens", "heldout_pieces_per_doc", "expert_tokens", "expert_pieces_per_doc",
+                "expert_validation_blocks",
+                "fusion_tokens", "fusion_tokens_max", "fusion_pieces_per_doc")
+        return {k: getattr(self, k) for k in keys}
+
+    def expert_name(self, domain: str) -> str:
+        return f"expert-{domain}"
+
+
+def load_settings(path: Path) -> Settings:
+    return Settings.model_validate(yaml.safe_load(path.read_text()))
+
+
+class Problem(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# -- logging -----------------------------------------------------------------------------------
+class _Tee(io.TextIOBase):
+    """A stream that also writes to the log file (progress-bar redraws, which hold `\\r`, stay out)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        if "\r" not in s:
+            self.file.write(s)
+            self.file.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- the base model ----------------------------------------------------------------------------
+def base_path(settings: Settings, out: Path) -> str:
+    """The base model's lmfuse path; `tiny` builds lmfuse's tiny Llama-style model under OUT."""
+    if settings.base != "tiny":
+        return settings.base
+    from lmfuse.testing import make_tiny_model
+
+    return str(make_tiny_model(out / "tiny-base", "spm"))
+
+
+def base_tokenizer(settings: Settings, out: Path):
+    from lmfuse.config import ModelSpec
+    from lmfuse.models import load_tokenizer
+
+    return load_tokenizer(ModelSpec(name=settings.base_name, path=base_path(settings, out)))
+
+
+# -- step 1: data ------------------------------------------------------------------------------
+def read_domain(corpora: Path, domain: str, limit: int | None) -> list[dict]:
+    path = corpora / f"{domain}.jsonl"
+    if not path.exists():
+        raise Problem(f"no corpus for domain {domain!r}: {path} does not exist (use --corpora DIR)")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                docs.append(json.loads(line))
+                if limit and len(docs) >= limit:
+                    break
+    return docs
+
+
+def _ntok(tok, texts: Sequence[str]) -> list[int]:
+    from lmfuse.prepare import count_tokens
+
+    return [int(x) for x in count_tokens([tok], list(texts))] if texts else []
+
+
+class _Picker:
+    """Takes documents in a seeded order for one domain; each document goes to one set only.
+
+    A document is cut into pieces at paragraph, line, sentence and word boundaries
+    (`lmfuse.prepare.split_document`, the cutting lmfuse's prepare uses), and a few of its pieces,
+    chosen at random, go to the set: no document dominates a set, and the held-out, expert and
+    fusion sets never share a document.
+    """
+
+    def __init__(self, docs: list[dict], tok, rng: random.Random, min_tokens: int):
+        self.docs, self.tok, self.rng, self.min_tokens = docs, tok, rng, min_tokens
+        self.order = list(range(len(docs)))
+        rng.shuffle(self.order)
+        self.pos = 0
+
+    def pieces(self, i: int, size: int) -> tuple[list[str], list[int]]:
+        from lmfuse.prepare import split_document
+
+        texts = [p for p in split_document(self.docs[i]["text"], [self.tok], size) if p.strip()]
+        counts = _ntok(self.tok, texts)
+        keep = [(p, n) for p, n in zip(texts, counts) if n >= self.min_tokens]
+        return [p for p, _ in keep], [n for _, n in keep]
+
+    def take(self, size: int, per_doc: int, *, blocks: int | None = None, at_least: int | None = None,
+             at_most: int | None = None) -> list[dict]:
+        """Pieces of at most `size` tokens until `blocks` pieces, or ≥ `at_least` / ≤ `at_most` tokens."""
+        chosen: list[dict] = []
+        total = 0
+
+        def done() -> bool:
+            if blocks is not None:
+                return len(chosen) >= blocks
+            if at_least is not None:
+                return total >= at_least
+            return at_most - total < self.min_tokens
+
+        while not done() and self.pos < len(self.order):
+            i = self.order[self.pos]
+            self.pos += 1
+            texts, counts = self.pieces(i, size)
+            if not texts:
+                continue
+            picks = sorted(self.rng.sample(range(len(texts)), min(per_doc, len(texts))))
+            for j in picks:
+                if done():
+                    break
+                if at_most is not None and total + counts[j] > at_most:
+                    continue
+                doc = self.docs[i]
+                chosen.append({"domain": doc["domain"], "source": f"{doc.get('source', i)}#{j}",
+                               "text": texts[j], "tokens": counts[j]})
+                total += counts[j]
+        if not done():
+            raise Problem(f"domain {self.docs[0]['domain']!r}: ran out of documents after {len(self.docs)} "
+                          f"({len(chosen)} pieces, {total} tokens); lower the budgets or raise max_docs_per_domain")
+        return chosen
+
+
+def block_stats(docs: list[dict], tok, block_size: int) -> dict:
+    """Blocks and tokens per domain and split, as lmfuse's prepare will cut them (one tokenizer:
+    the experts share the base's)."""
+    from lmfuse.config import PrepareConfig
+    from lmfuse.prepare import make_blocks
+
+    table = make_blocks([{"text": d["text"], "domain": d["domain"], "split": d["split"]} for d in docs], [tok],
+                        PrepareConfig(block_size=block_size, min_validation_blocks=0))
+    counts = _ntok(tok, table["text"].to_pylist())
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for dom, split, n in zip(table["domain"].to_pylist(), table["split"].to_pylist(), counts):
+        s = out.setdefault(dom, {}).setdefault(split, {"blocks": 0, "tokens": 0, "predicted_tokens": 0})
+        s["blocks"] += 1
+        s["tokens"] += n
+        s["predicted_tokens"] += n - 1
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
+    """Write OUT/data/ once: experts/<domain>.jsonl, fusion.jsonl, stats.json."""
+    final = out / "data"
+    stats_path = final / "stats.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        if stats["settings"] != json.loads(json.dumps(settings.data_key())):
+            raise Problem(f"{final} was made with other data settings ({stats['settings']}); delete it (and the "
+                          "experts and sweep made from it) or use another --out")
+        log(f"data: complete ({stats_path})")
+        return stats
+    t0 = time.time()
+    s = settings
+    tok = base_tokenizer(s, out)
+    tmp = out / ".data-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    margin = max(1, s.block_size // 32)  # prepare may re-cut a piece that needs every last token
+    min_tokens = max(2, min(s.block_size, s.heldout_piece_tokens) // 4)
+    fusion_rows: list[dict] = []
+    chosen: dict[str, dict[str, list[dict]]] = {}
+    for domain in s.domains:
+        docs = read_domain(corpora, domain, s.max_docs_per_domain)
+        for d in docs:
+            d["domain"] = domain
+        pick = _Picker(docs, tok, random.Random(f"{s.seed}/{domain}"), min_tokens)
+        heldout = pick.take(min(s.heldout_piece_tokens, s.block_size), s.heldout_pieces_per_doc,
+                            blocks=s.heldout_blocks)
+        fusion = pick.take(s.block_size - margin, s.fusion_pieces_per_doc, at_most=s.fusion_tokens // len(s.domains))
+        expert = pick.take(s.block_size - margin, s.expert_pieces_per_doc, at_least=s.expert_tokens)
+        # lmfuse's train needs validation blocks (it reports a validation loss at the end)
+        expert_val = pick.take(s.block_size - margin, s.expert_pieces_per_doc, blocks=s.expert_validation_blocks)
+        chosen[domain] = {"heldout": heldout, "fusion": fusion, "expert": expert, "expert_val": expert_val,
+                          "docs_read": len(docs),
+                          "docs_used": pick.pos}
+        fusion_rows += [{**r, "split": "validation"} for r in heldout] + [{**r, "split": "train"} for r in fusion]
+        _write_jsonl(tmp / "experts" / f"{domain}.jsonl",
+                     [{**r, "split": "train"} for r in expert] + [{**r, "split": "validation"} for r in expert_val])
+        log(f"data: {domain}: {len(heldout)} held-out pieces ({sum(r['tokens'] for r in heldout)} tokens), fusion "
+            f"{sum(r['tokens'] for r in fusion)} tokens, expert {sum(r['tokens'] for r in expert)} tokens from "
+            f"{pick.pos} of {len(docs)} documents")
+    _write_jsonl(tmp / "fusion.jsonl", [{k: r[k] for k in ("domain", "source", "split", "text")} for r in fusion_rows])
+
+    fusion_blocks = block_stats(fusion_rows, tok, s.block_size)
+    stats: dict[str, Any] = {"settings": settings.data_key(), "tokenizer": base_path(s, out), "domains": {}}
+    problems = []
+    for domain in s.domains:
+        c = chosen[domain]
+        eb = block_stats([{**r, "split": "train"} for r in c["expert"]]
+                         + [{**r, "split": "validation"} for r in c["expert_val"]], tok, s.block_size)[domain]
+        expert_blocks = eb["train"]
+        fb = fusion_blocks[domain]
+        stats["domains"][domain] = {
+            "documents_read": c["docs_read"], "documents_used": c["docs_used"],
+            "heldout": {"pieces": len(c["heldout"]), "documents": len({r["source"].split("#")[0] for r in c["heldout"]}),
+                        **fb.get("validation", {})},
+            "fusion_train": {"pieces": len(c["fusion"]), **fb.get("train", {})},
+            "expert": {"pieces": len(c["expert"]), **expert_blocks},
+            "expert_validation": {"pieces": len(c["expert_val"]), **eb.get("validation", {})},
+        }
+        if fb.get("validation", {}).get("blocks", 0) < s.heldout_blocks:
+            problems.append(f"{domain}: {fb.get('validation', {}).get('blocks', 0)} held-out blocks < {s.heldout_blocks}")
+        if expert_blocks["tokens"] < s.expert_tokens:
+            problems.append(f"{domain}: expert corpus {expert_blocks['tokens']} tokens < {s.expert_tokens}")
+    fusion_train = sum(d["fusion_train"].get("tokens", 0) for d in stats["domains"].values())
+    stats["totals"] = {
+        "fusion_train_tokens": fusion_train,
+        "fusion_train_blocks": sum(d["fusion_train"].get("blocks", 0) for d in stats["domains"].values()),
+        "heldout_tokens": sum(d["heldout"].get("tokens", 0) for d in stats["domains"].values()),
+        "heldout_blocks": sum(d["heldout"].get("blocks", 0) for d in stats["domains"].values()),
+        "expert_tokens": {d: v["expert"]["tokens"] for d, v in stats["domains"].items()},
+        "expert_blocks": {d: v["expert"]["blocks"] for d, v in stats["domains"].items()},
+        "expert_validation_tokens": sum(v["expert_validation"].get("tokens", 0) for v in stats["domains"].values()),
+    }
+    if fusion_train > s.fusion_tokens_max:
+        problems.append(f"fusion corpus {fusion_train} training tokens > fusion_tokens_max {s.fusion_tokens_max}")
+    if problems:
+        raise Problem("the data does not meet its budgets: " + "; ".join(problems))
+    stats["seconds"] = round(time.time() - t0, 1)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the data appears whole or not at all
+    log(f"data: written to {final} in {stats['seconds']} s: fusion {fusion_train} training tokens "
+        f"({stats['totals']['fusion_train_blocks']} blocks), {stats['totals']['heldout_blocks']} held-out blocks "
+        f"({stats['totals']['heldout_tokens']} tokens), experts {stats['totals']['expert_tokens']} tokens")
+    if settings.base != "tiny":  # the estimate's figures are the real models'
+        log(estimate_text(settings, stats))
+    return stats
+
+
+# -- wall-time estimate ------------------------------------------------------------------------
+def _steps(train: dict, blocks: int) -> int:
+    """Optimizer steps of an lmfuse training run on one process (as lmfuse.train.run_train)."""
+    if train.get("max_steps"):
+        return int(train["max_steps"])
+    g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
+    return max(1, math.ceil(float(train.get("epochs", 1.0)) * blocks / g))
+
+
+def estimate(settings: Settings, stats: dict) -> dict[str, float]:
+    """Seconds per part of the real run on 2 CPU cores, from the settings' figures.
+
+    Forward passes (extract, evaluations) cost tokens / forward_tokens_per_s. Training costs
+    train_seconds_per_step per full block of block_size tokens, in proportion to the tokens a step
+    holds (blocks cut at paragraph boundaries are shorter; the demo measured 1.6 s per 256 tokens,
+    so 2 s is on the safe side).
+    """
+    s, t = settings, stats["totals"]
+    fwd = s.estimate["forward_tokens_per_s"]
+    per_token = s.estimate["train_seconds_per_step"] / s.block_size
+    n_exp = len(s.domains)
+    v = t["heldout_tokens"]
+
+    def trained(train: dict, blocks: int, tokens: int) -> float:
+        """Tokens one training run processes: its steps × the mean tokens of a step's blocks."""
+        g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
+        return _steps(train, blocks) * g * tokens / max(blocks, 1)
+
+    fusion_steps = _steps(s.fusion_train, t["fusion_train_blocks"])
+    fusion_tokens = trained(s.fusion_train, t["fusion_train_blocks"], t["fusion_train_tokens"])
+    runs = len(s.seeds) * (len(s.variants) + 1)  # fused per variant and seed, one control per seed
+    evals_in_training = min(s.evaluations, fusion_steps)
+    # scored once each: base, experts, ensemble (one forward per expert), 2 merges, controls, fused
+    scored = 1 + n_exp + n_exp + 2 + len(s.seeds) * (1 + len(s.variants))
+    return {
+        "experts: extract the base on the expert corpora": (sum(t["expert_tokens"].values())
+                                                            + t["expert_validation_tokens"]) / fwd,
+        "experts: training": sum(trained(s.expert_train, t["expert_blocks"][d], t["expert_tokens"][d])
+                                 for d in t["expert_blocks"]) * per_token,
+        "fusion: extract base + experts": (1 + n_exp) * (t["fusion_train_tokens"] + v) / fwd,
+        "fusion: training (controls + fused)": runs * fusion_tokens * per_token,
+        "fusion: validation passes during training": runs * evals_in_training * v / fwd,
+        "eval: held-out scoring (end of budget)": scored * v / fwd,
+        "eval: best checkpoints": runs * v / fwd,
+        "model loading, vocab maps, alignment, merges, reports": s.estimate.get("overhead_s", 180.0),
+    }
+
+
+def estimate_text(settings: Settings, stats: dict) -> str:
+    parts = estimate(settings, stats)
+    total = sum(parts.values())
+    lines = [f"estimated wall time on 2 CPU cores ({settings.estimate['forward_tokens_per_s']:.0f} tok/s forward, "
+             f"{settings.estimate['train_seconds_per_step']:.1f} s per training step of {settings.block_size} tokens): "
+             f"{total / 60:.0f} min"]
+    lines += [f"  {k}: {v / 60:.1f} min" for k, v in parts.items()]
+    return "\n".join(lines)
+
+
+# -- step 2: experts ---------------------------------------------------------------------------
+def expert_config(settings: Settings, out: Path, domain: str) -> dict:
+    base = base_path(settings, out)
+    train = {"seed": 0, "eval_every": 0, "save_every": 0, **settings.expert_train, "control": True}
+    return {
+        "output_dir": ".",
+        "target": {"name": settings.base_name, "path": base, "dtype": "bfloat16"},
+        # the schema asks for a source; only prepare, extract (of the target) and train(control) run
+        "sources": [{"name": f"{settings.base_name}-as-source", "path": base, "dtype": "bfloat16"}],
+        "corpus": {"path": f"../../data/experts/{domain}.jsonl", "split_field": "split"},
+        "prepare": {"block_size": settings.block_size, "min_validation_blocks": 1},
+        "extract": {"top_k": 1, "batch_size": 4},
+        "train": train,
+    }
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def step_experts(settings: Settings, out: Path, log: Log) -> dict[str, Path]:
+    """Train one expert per domain: lmfuse prepare, extract (base), train(control=True)."""
+    from lmfuse.config import load_config
+    from lmfuse.extract import run_extract
+    from lmfuse.prepare import run_prepare
+    from lmfuse.train import run_train
+
+    if not (out / "data" / "stats.json").exists():
+        raise Problem(f"no data in {out / 'data'}: run the data step first (--steps-only data, or all steps)")
+    experts = {}
+    for domain in settings.domains:
+        run_dir = out / "experts" / domain
+        path = run_dir / "config.yaml"
+        _write_if_changed(path, yaml.safe_dump(expert_config(settings, out, domain), sort_keys=False))
+        cfg = load_config(path)
+        model = run_dir / "train" / "clm"
+        if (model / "manifest.json").exists():
+            log(f"experts: {domain}: complete ({model})")
+            experts[domain] = model
+            continue
+        t0 = time.time()
+        log(f"experts: {domain}: prepare")
+        run_prepare(cfg, log=log)
+        log(f"experts: {domain}: extract {settings.base_name}")
+        run_extract(cfg, settings.base_name, log=log, progress=False)
+        log(f"experts: {domain}: train (λ = 1)")
+        m = run_train(cfg, control=True)
+        log(f"experts: {domain}: done in {time.time() - t0:.1f} s: {m['metrics']['steps']} steps on "
+            f"{m['metrics']['train_blocks']} blocks -> {model}")
+        experts[domain] = model
+    return experts
+
+
+# -- step 3: the fusion sweep ------------------------------------------------------------------
+def labels(settings: Settings) -> dict[str, Any]:
+    """How the sweep's eval names each model (lmfuse.baselines: ensemble-<names>, merges by name)."""
+    names = [settings.expert_name(d) for d in settings.domains]
+    return {"base": settings.base_name, "experts": names, "ensemble": "ensemble-" + "-".join(names),
+            "merge_linear": "merge-linear", "merge_ta": "merge-task-arithmetic"}
+
+
+def fusion_config(settings: Settings, out: Path, stats: dict) -> dict:
+    lab = labels(settings)
+    steps = _steps(settings.fusion_train, stats["totals"]["fusion_train_blocks"])
+    eval_every = max(1, math.ceil(steps / settings.evaluations))  # evaluations at k·eval_every and at the end
+    train = {"seed": 0, "save_every": 0, **settings.fusion_train, "keep_best": True, "eval_every": eval_every,
+             "control": True}
+    return {
+        "output_dir": "sweep/runs/base",  # not used by the sweep
+        "target": {"name": settings.base_name, "path": base_path(settings, out), "dtype": "bfloat16"},
+        "sources": [{"name": n, "path": f"experts/{d}/train/clm", "dtype": "bfloat16"}
+                    for n, d in zip(lab["experts"], settings.domains)],
+        "corpus": {"path": "data/fusion.jsonl", "split_field": "split"},
+        "prepare": {"block_size": settings.block_size, "min_validation_blocks": settings.heldout_blocks},
+        "extract": {"top_k": settings.extract_top_k, "batch_size": 4},
+        "vocab_map": {"method": "retokenize"},
+        "align": {"method": "offsets"},
+        "train": train,
+        "eval": settings.eval,
+        "baselines": {
+            "ensemble": [list(lab["experts"])],  # copies: no YAML anchors in the written config
+            "merge": [{"models": list(lab["experts"]), "method": "linear", "name": lab["merge_linear"]},
+                      {"models": list(lab["experts"]), "method": "task_arithmetic", "base": settings.base_name,
+                       "weights": [settings.task_arithmetic_weight] * len(lab["experts"]), "name": lab["merge_ta"]}],
+        },
+    }
+
+
+def run_names(settings: Settings) -> list[tuple[str, int, str]]:
+    """(variant, seed, run directory name) in the sweep's naming (`<variant>-s<seed>`)."""
+    return [(v["name"], seed, f"{v['name']}-s{seed}") for v in settings.variants for seed in settings.seeds]
+
+
+def share_baselines(settings: Settings, sweep_dir: Path) -> None:
+    """Point every run's `baselines/` at one folder, so each merge is built and scored once.
+
+    lmfuse builds a merge under `RUN/baselines/<label>/` and keys its eval cache by the merge's
+    resolved path: in a sweep every run would build its own copy (two fp32 copies of the model per
+    run) and score it again. Through one shared folder the merge stamp matches after the first run
+    and the cache key is the same.
+    """
+    shared = sweep_dir / "baselines"
+    shared.mkdir(parents=True, exist_ok=True)
+    for _, _, name in run_names(settings):
+        link = sweep_dir / "runs" / name / "baselines"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        rel = os.path.relpath(shared, link.parent)
+        if link.is_symlink() and os.readlink(link) == rel:
+            continue
+        if link.exists() and not link.is_symlink():
+            shutil.rmtree(link)  # a run's own copy from before: the shared one replaces it
+        elif link.is_symlink():
+            link.unlink()
+        os.symlink(rel, link)
+
+
+def step_sweep(settings: Settings, out: Path, log: Log) -> dict:
+    from lmfuse.sweep import run_sweep_file
+
+    stats_path = out / "data" / "stats.json"
+    missing = [d for d in settings.domains if not (out / "experts" / d / "train" / "clm" / "manifest.json").exists()]
+    if not stats_path.exists() or missing:
+        raise Problem(f"the sweep needs the data and every expert (missing: {missing or 'data'}): run those steps")
+    stats = json.loads(stats_path.read_text())
+    _write_if_changed(out / "fusion.yaml", yaml.safe_dump(fusion_config(settings, out, stats), sort_keys=False))
+    sweep = {"base": "fusion.yaml", "output_dir": "sweep", "seeds": settings.seeds, "variants": settings.variants}
+    _write_if_changed(out / "sweep.yaml", yaml.safe_dump(sweep, sort_keys=False))
+    share_baselines(settings, out / "sweep")
+    return run_sweep_file(out / "sweep.yaml", log=log)
+
+
+# -- step 4: the table -------------------------------------------------------------------------
+def _cols(rec: dict, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block ids, NLL, bytes) of an eval record's per-block figures, for one domain or all."""
+    pb = rec["per_block"]
+    keep = [i for i, d in enumerate(pb["domain"]) if domain is None or d == domain]
+    return (np.asarray([pb["block_id"][i] for i in keep]), np.asarray([pb["nll"][i] for i in keep], float),
+            np.asarray([pb["bytes"][i] for i in keep], float))
+
+
+def domain_bpb(rec: dict, domains: Sequence[str]) -> dict[str, float]:
+    """Bits per byte per domain and their mean over the domains (the paper's average)."""
+    out = {}
+    for d in domains:
+        _, nll, nb = _cols(rec, d)
+        out[d] = float(nll.sum() / (LN2 * nb.sum()))
+    out["average"] = float(np.mean([out[d] for d in domains]))
+    return out
+
+
+def _same_blocks(a: dict, b: dict, domain: str | None = None) -> None:
+    ia, ib = _cols(a, domain)[0], _cols(b, domain)[0]
+    if not np.array_equal(ia, ib):
+        raise Problem("two eval records were scored on different held-out blocks; the runs' prepare differs")
+
+
+def diff_ci(a: dict, b: dict, domains: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """bpb(a) − bpb(b) with a 95% paired bootstrap interval over held-out blocks.
+
+    Per domain: `lmfuse.stats.paired_bootstrap` (10,000 resamples, seed 0, as `lmfuse sweep`).
+    Average (mean of the domains' bits per byte): blocks resampled within each domain (the same
+    blocks for both models), the mean of the per-domain differences recomputed per resample.
+    """
+    from lmfuse.stats import paired_bootstrap
+
+    out = {}
+    for d in domains:
+        _same_blocks(a, b, d)
+        _, na, ba = _cols(a, d)
+        _, nb, bb = _cols(b, d)
+        out[d] = tuple(paired_bootstrap(na, nb, ba, b_nbytes=bb, n_boot=N_BOOT, seed=BOOT_SEED))
+    rng = np.random.default_rng(BOOT_SEED)
+    acc = np.zeros(N_BOOT)
+    for d in domains:
+        _, na, ba = _cols(a, d)
+        _, nb, bb = _cols(b, d)
+        idx = rng.integers(0, len(na), size=(N_BOOT, len(na)))
+        acc += (na[idx].sum(1) / (LN2 * ba[idx].sum(1)) - nb[idx].sum(1) / (LN2 * bb[idx].sum(1))) / len(domains)
+    point = float(np.mean([out[d][0] for d in domains]))
+    lo, hi = np.percentile(acc, [2.5, 97.5])
+    out["average"] = (point, float(lo), float(hi))
+    return out
+
+
+def seed_mean_record(recs: Sequence[dict]) -> dict:
+    """One record whose per-block NLL and bytes are averaged over seeds (blocks in the same order)."""
+    for r in recs[1:]:
+        _same_blocks(recs[0], r)
+    pb = recs[0]["per_block"]
+    return {"per_block": {"block_id": pb["block_id"], "domain": pb["domain"],
+                          "nll": list(np.mean([r["per_block"]["nll"] for r in recs], axis=0)),
+                          "bytes": list(np.mean([r["per_block"]["bytes"] for r in recs], axis=0))}}
+
+
+def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | None:
+    """Held-out per-block figures of `RUN/train/<kind>/best/` (lmfuse eval does not score it).
+
+    Scored with `lmfuse.evaluate.block_nll` on the run's own prepared validation blocks, in the
+    run's `eval.dtype`; cached under `cache_dir` by the model's fingerprint and the blocks.
+    """
+    from lmfuse.artifacts import hash_obj, read_json
+    from lmfuse.config import ModelSpec, load_config
+    from lmfuse.evaluate import (
+        block_nll,
+        fingerprint,
+        load_blocks,
+        per_block,
+        select_blocks,
+        summarize,
+    )
+    from lmfuse.models import load_model, load_tokenizer
+    from lmfuse.parallel import device
+
+    best = (run_dir / "train" / kind / "best").resolve()
+    if not (best / "config.json").exists():
+        return None
+    cfg = load_config(run_dir / "config.yaml")
+    dtype = cfg.eval.dtype or "float32"
+    spec = ModelSpec(name=f"{kind}-best", path=str(best), dtype=dtype)
+    blocks, data_hash = load_blocks(cfg)
+    chosen = select_blocks(blocks, cfg.eval.split)
+    key = hash_obj([fingerprint(spec), data_hash, cfg.eval.split, dtype, [b["block_id"] for b in chosen]])
+    cache = cache_dir / f"{kind}-best-{key}.json"
+    rec = read_json(cache)
+    if rec is None:
+        t0 = time.time()
+        dev = device()
+        model = load_model(spec, dtype=dtype, device=dev)
+        rows = block_nll(model, load_tokenizer(spec), [b["text"] for b in chosen], cfg.eval.batch_size, dev)
+        del model
+        state = read_json(best / "best_state.json") or {}
+        rec = {**summarize(rows, [b["domain"] for b in chosen]), "kind": f"{kind}-best", "path": [str(best)],
+               "step": state.get("step"), "eval_loss": state.get("eval_loss"), "seconds": round(time.time() - t0, 1),
+               "per_block": per_block(rows, chosen)}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rec))
+        log(f"table: scored {run_dir.name}/train/{kind}/best (step {rec['step']}): "
+            f"{rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']} s)")
+    return rec
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else "–"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4f}".replace("-", MINUS) if math.isfinite(x) else "–"
+
+
+def _ci(c: Sequence[float]) -> str:
+    return f"{_signed(c[0])} [{_signed(c[1])}, {_signed(c[2])}]"
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
+
+
+def collect(settings: Settings, out: Path, log: Log) -> dict:
+    """Every figure of the table from the sweep's runs (and the best checkpoints, scored here)."""
+    from lmfuse.evaluate import load_results
+
+    lab = labels(settings)
+    sweep_dir = out / "sweep"
+    doms = list(settings.domains)
+    runs: dict[str, dict[int, dict]] = {}
+    first = None
+    for variant, seed, name in run_names(settings):
+        res = load_results(sweep_dir / "runs" / name)
+        if res is None or "fused" not in res["models"] or "clm" not in res["models"]:
+            raise Problem(f"the sweep run {name} has no eval results yet: run the sweep step")
+        first = first or res
+        runs.setdefault(variant, {})[seed] = {"dir": sweep_dir / "runs" / name, "models": res["models"]}
+    assert first is not None
+    models = first["models"]
+    fixed = {"base": lab["base"], **{f"expert {d}": n for d, n in zip(doms, lab["experts"])},
+             "ensemble": lab["ensemble"], "merge (linear)": lab["merge_linear"],
+             "merge (task arithmetic)": lab["merge_ta"]}
+    absent = [label for label in fixed.values() if label not in models]
+    if absent:
+        raise Problem(f"the sweep's eval has no results for {absent} (models evaluated: {sorted(models)})")
+    cache = out / "best_eval"
+    doc: dict[str, Any] = {"domains": doms, "seeds": settings.seeds, "fixed": {}, "control": {}, "fused": {},
+                           "control_best": {}, "fused_best": {}, "vs_control": {}, "vs_control_best": {},
+                           "best_steps": {}}
+    for col, label in fixed.items():
+        doc["fixed"][col] = {"label": label, "bpb": domain_bpb(models[label], doms)}
+    first_variant = settings.variants[0]["name"]
+    for seed in settings.seeds:  # the control is shared by the variants (fusion options do not enter it)
+        r = runs[first_variant][seed]
+        doc["control"][seed] = domain_bpb(r["models"]["clm"], doms)
+        best = score_best(r["dir"], "clm", cache, log)
+        if best:
+            doc["control_best"][seed] = domain_bpb(best, doms)
+            doc["best_steps"][f"control-s{seed}"] = best["step"]
+    for v in settings.variants:
+        name = v["name"]
+        doc["fused"][name], doc["fused_best"][name] = {}, {}
+        doc["vs_control"][name], doc["vs_control_best"][name] = {}, {}
+        fused_recs, clm_recs, fused_best, clm_best = [], [], [], []
+        for seed in settings.seeds:
+            r = runs[name][seed]
+            fused, clm = r["models"]["fused"], r["models"]["clm"]
+            _same_blocks(fused, models[lab["base"]])
+            doc["fused"][name][seed] = domain_bpb(fused, doms)
+            doc["vs_control"][name][seed] = diff_ci(fused, clm, doms)
+            fused_recs.append(fused)
+            clm_recs.append(clm)
+            fb, cb = score_best(r["dir"], "fused", cache, log), score_best(r["dir"], "clm", cache, log)
+            if fb and cb:
+                doc["fused_best"][name][seed] = domain_bpb(fb, doms)
+                doc["vs_control_best"][name][seed] = diff_ci(fb, cb, doms)
+                doc["best_steps"][f"{name}-s{seed}"] = fb["step"]
+                fused_best.append(fb)
+                clm_best.append(cb)
+        if len(settings.seeds) > 1:
+            doc["vs_control"][name]["pooled"] = diff_ci(seed_mean_record(fused_recs), seed_mean_record(clm_recs), doms)
+            if len(fused_best) == len(settings.seeds):
+                doc["vs_control_best"][name]["pooled"] = diff_ci(seed_mean_record(fused_best),
+                                                                 seed_mean_record(clm_best), doms)
+    doc["sweep_check"] = check_against_sweep(doc, sweep_dir, doms, log)
+    return doc
+
+
+def check_against_sweep(doc: dict, sweep_dir: Path, doms: Sequence[str], log: Log) -> str:
+    """The per-domain fused − control intervals recomputed here must equal the sweep's (sweep.json)."""
+    path = sweep_dir / "sweep.json"
+    if not path.exists():
+        return "sweep.json not found"
+    sweep = json.loads(path.read_text())
+    worst = 0.0
+    for v in sweep["variants"]:
+        for r in v.get("runs", []):
+            mine = doc["vs_control"].get(v["name"], {}).get(r["seed"])
+            if mine is None:
+                continue
+            for d in doms:
+                theirs = r["vs_control"][d]
+                for a, b in zip(mine[d], (theirs["diff"], theirs["lo"], theirs["hi"])):
+                    if b is not None:
+                        worst = max(worst, abs(a - b))
+    msg = f"largest difference to sweep.json's per-domain fused − control intervals: {worst:.2e}"
+    if worst > 1e-9:
+        log(f"table: WARNING {msg}")
+    return msg
+
+
+def render(doc: dict, settings: Settings, stats: dict | None) -> str:
+    doms = doc["domains"]
+    rows = [*doms, "average"]
+    variants = [v["name"] for v in settings.variants]
+    seeds = doc["seeds"]
+    seeds_txt = ", ".join(map(str, seeds))
+
+    def cell_stats(per_seed: dict, row: str) -> tuple[float, float]:
+        return _mean_std([per_seed[s][row] for s in seeds if s in per_seed])
+
+    def main_table(control: dict, fused: dict, suffix: str) -> list[str]:
+        head = ["domain", *doc["fixed"], f"control{suffix}", *[f"fused {v}{suffix}" for v in variants]]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for row in rows:
+            vals = [(f["bpb"][row], math.nan) for f in doc["fixed"].values()]
+            vals.append(cell_stats(control, row))
+            vals += [cell_stats(fused.get(v, {}), row) for v in variants]
+            best = min((m for m, _ in vals if math.isfinite(m)), default=math.nan)
+            cells = []
+            for m, sd in vals:
+                c = _fmt(m) + (f" ± {sd:.4f}" if math.isfinite(sd) else "")
+                cells.append(f"**{c}**" if m == best else c)
+            lines.append(f"| {'**average**' if row == 'average' else row} | " + " | ".join(cells) + " |")
+        return lines
+
+    def diff_table(diffs: dict) -> list[str]:
+        lines = ["| variant | seed | " + " | ".join(rows) + " |", "|---|---|" + "---:|" * len(rows)]
+        for v in variants:
+            per = diffs.get(v, {})
+            for s in seeds:
+                if s in per:
+                    lines.append(f"| {v} | {s} | " + " | ".join(_ci(per[s][r]) for r in rows) + " |")
+            if "pooled" in per:
+                cells = []
+                for r in rows:
+                    m, sd = _mean_std([per[s][r][0] for s in seeds if s in per])
+                    lo, hi = per["pooled"][r][1:]
+                    cells.append(f"{_signed(m)} ± {sd:.4f} [{_signed(lo)}, {_signed(hi)}]")
+                lines.append(f"| {v} | **mean ± std** | " + " | ".join(cells) + " |")
+        return lines
+
+    def verdict(fused: dict, control: dict, diffs: dict, when: str) -> list[str]:
+        out = []
+        for v in variants:
+            if not fused.get(v):
+                continue
+            mine = cell_stats(fused[v], "average")[0]
+            others = {k: f["bpb"]["average"] for k, f in doc["fixed"].items()}
+            others["control"] = cell_stats(control, "average")[0]
+            lower = [k for k, x in others.items() if x <= mine]
+            per = diffs.get(v, {})
+            wins = sum(1 for s in seeds if s in per and per[s]["average"][2] < 0)
+            out.append(f"- **fused {v}** ({when}): average {_fmt(mine)}; "
+                       + ("lower than base, every expert, the ensemble, both merges and the control" if not lower
+                          else f"not the lowest: {', '.join(lower)} as low or lower")
+                       + f"; beats the control on average with the 95% CI below zero in {wins} of {len(seeds)} seeds.")
+        return out
+
+    s = settings
+    lines = ["# Domain experts: the paper's Table 7 at small scale", ""]
+    if stats:
+        t = stats["totals"]
+        lines += [
+            f"Held-out bits per byte (lower is better) on identical held-out blocks: {t['heldout_blocks']} blocks "
+            f"({t['heldout_tokens']:,} tokens) in all, at least {s.heldout_blocks} per domain, each at most "
+            f"{min(s.heldout_piece_tokens, s.block_size)} tokens, from documents used nowhere else. "
+            f"Base `{base_label(s)}`; each expert is the base continually trained (λ = 1) on its domain's "
+            f"{min(t['expert_tokens'].values()):,}–{max(t['expert_tokens'].values()):,} tokens; the control and the "
+            f"fused models are trained on the mixed fusion corpus, {t['fusion_train_tokens']:,} training tokens "
+            f"({t['fusion_train_blocks']} blocks), with the same budget. Control and fused: mean ± std over "
+            f"seeds {seeds_txt}. **average** = mean of the domain rows (the paper's average). Bold: the lowest "
+            "in the row.", ""]
+    lines += ["Columns: **base** the untrained target; **expert d** the base trained on domain d; **ensemble** "
+              "the experts' next-token probabilities averaged; **merge (linear)** the experts' weights averaged; "
+              f"**merge (task arithmetic)** base + Σ {s.task_arithmetic_weight:g} · (expert − base); **control** "
+              "λ = 1 training on the fusion corpus; **fused minCE/avgCE** the base trained on the fusion corpus with "
+              "the four experts (and itself) as candidates.", ""]
+    lines += ["## At the end of the budget", "", *main_table(doc["control"], doc["fused"], ""), ""]
+    have_best = bool(doc["control_best"]) and any(doc["fused_best"].values())
+    if have_best:
+        steps = ", ".join(f"{k} {v}" for k, v in doc["best_steps"].items())
+        lines += ["## At the best validation checkpoint", "",
+                  "Control and fused models at the step with their lowest validation loss (`train.keep_best`: "
+                  "`train/<fused|clm>/best/`); the other columns do not change. `lmfuse eval` does not score "
+                  "`best/` checkpoints: this script scored them with `lmfuse.evaluate.block_nll` on the same "
+                  f"held-out blocks and dtype. Best steps: {steps}.", "",
+                  *main_table(doc["control_best"], doc["fused_best"], " @best"), ""]
+    lines += ["## Fused − control (same seed)", "",
+              "Bits per byte, below zero = fused is better, with the 95% paired bootstrap interval over held-out "
+              f"blocks ({N_BOOT:,} resamples, seed {BOOT_SEED}): per domain `lmfuse.stats.paired_bootstrap` (the same "
+              "figures as the sweep's `sweep.json`); average: blocks resampled within each domain, the mean of the "
+              "domains' differences. Mean ± std row: the std is over seeds, the interval that of the seed-averaged "
+              "difference (per-block NLL averaged over seeds).", "", "### End of the budget", "",
+              *diff_table(doc["vs_control"]), ""]
+    if have_best:
+        lines += ["### Best validation checkpoint (each model at its own best step)", "",
+                  *diff_table(doc["vs_control_best"]), ""]
+    lines += ["## Goal check", "", *verdict(doc["fused"], doc["control"], doc["vs_control"], "end of budget")]
+    if have_best:
+        lines += verdict(doc["fused_best"], doc["control_best"], doc["vs_control_best"], "best checkpoint")
+    lines += ["", f"Cross-check: {doc['sweep_check']}.", ""]
+    return "\n".join(lines)
+
+
+def base_label(settings: Settings) -> str:
+    return "lmfuse tiny test model" if settings.base == "tiny" else settings.base
+
+
+def step_table(settings: Settings, out: Path, log: Log) -> Path:
+    doc = collect(settings, out, log)
+    stats_path = out / "data" / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    md = out / "table7.md"
+    md.write_text(render(doc, settings, stats))
+    (out / "table7.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    log(f"table: {md}")
+    return md
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+# -- main --------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumes what is there)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and budgets (tiny.yaml): tests the chain")
+    p.add_argument("--settings", type=Path, help="settings file (default: real.yaml, or tiny.yaml with --tiny)")
+    p.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA, help=f"default: {DEFAULT_CORPORA}")
+    p.add_argument("--steps-only", choices=STEPS, action="append",
+                   help="run only this step (repeatable); default: every step in order")
+    p.add_argument("--estimate", action="store_true", help="print the wall-time estimate from OUT/data and exit")
+    args = p.parse_args(argv)
+    settings_path = args.settings or HERE / ("tiny.yaml" if args.tiny else "real.yaml")
+    settings = load_settings(settings_path)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [s for s in STEPS if not args.steps_only or s in args.steps_only]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lmfuse.errors import LmfuseError
+
+    with (out / "run.log").open("a", encoding="utf-8") as logf:
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(old[0], logf), _Tee(old[1], logf)
+        try:
+            if args.estimate:
+                stats = json.loads((out / "data" / "stats.json").read_text())
+                print(estimate_text(settings, stats))
+                return 0
+            t0 = time.time()
+            _log(f"domain experts: settings {settings_path}, steps {', '.join(steps)} -> {out}")
+            for step in steps:
+                t = time.time()
+                if step == "data":
+                    step_data(settings, out, args.corpora.resolve(), _log)
+                elif step == "experts":
+                    step_experts(settings, out, _log)
+                elif step == "sweep":
+                    step_sweep(settings, out, _log)
+                else:
+                    step_table(settings, out, _log)
+                _log(f"step {step} done in {time.time() - t:.1f} s")
+            _log(f"done in {time.time() - t0:.1f} s")
+        except Problem as e:
+            _log(f"error: {e}")
+            return 2
+        except LmfuseError as e:
+            _log(f"lmfuse error: {e}")
+            return 2
+        finally:
+            sys.stdout, sys.stderr = old
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
