@@ -190,6 +190,20 @@ def test_rest_and_span_train_end_to_end(tmp_path, target_dir):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
+def test_training_without_validation_blocks_finishes(tmp_path, target_dir):
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    # Every block becomes a training block.
+    from lmfuse.artifacts import ArtifactDir
+
+    prep = ArtifactDir(run / "prepare", "prepare", "p0")
+    table = prep.load().data.table
+    prep.write_shard(0, table.set_column(table.schema.get_field_index("split"), "split",
+                                         pa.array(["train"] * table.num_rows)))
+    man = run_train(make_cfg(run, target_dir, max_steps=2, eval_every=1, keep_best=True), control=True)
+    assert man["metrics"]["final_eval_loss"] is None and man["metrics"]["validation_blocks"] == 0
+    assert not [r for r in _log(run / "train" / "clm") if "eval_loss" in r]
+
+
 def test_keep_best_saves_the_lowest_validation_loss_weights(tmp_path, target_dir):
     from transformers import AutoModelForCausalLM
 

@@ -528,7 +528,7 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
             if done % every == 0 or done == total:
                 acc.print(f"step {done}/{total}  loss {rec['loss']:.4f}  clm {rec['clm']:.4f}  "
                           f"fusion {rec['fusion']:.4f}  lr {rec['lr']:.2e}  ({time.time() - t0:.1f}s)")
-        if (t.eval_every and done % t.eval_every == 0) or done == total:
+        if data.val_ids and ((t.eval_every and done % t.eval_every == 0) or done == total):
             last_eval = evaluate_loss(model, data, collate, acc, t.batch_size)
             if acc.is_main_process:
                 _append_log(log_path, {"step": done, "eval_loss": last_eval})
