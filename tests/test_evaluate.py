@@ -220,3 +220,16 @@ def test_eval_corpus_reports_its_blocks_not_a_split(tmp_path, tiny, capsys):
     assert lines[0].startswith(f"eval --corpus: {doc['blocks']} blocks from 6 documents of {other} (all scored)")
     printed = capsys.readouterr().out + "\n".join(lines)
     assert " train, " not in printed and "validation" not in printed
+
+
+def test_best_checkpoints_are_scored_beside_the_final_models(tmp_path, tiny):
+    import shutil
+
+    cfg = _cfg(tmp_path, tiny)
+    for kind in ("fused", "clm"):
+        out = cfg.run_dir / "train" / kind
+        shutil.copytree(tiny["bpe"], out)
+        (out / "manifest.json").write_text("{}")
+    shutil.copytree(tiny["bpe"], cfg.run_dir / "train" / "fused" / "best")
+    models = {m.label: m.kind for m in evaluate.default_models(cfg)}
+    assert models == {"tgt": "target", "src": "source", "fused": "fused", "clm": "clm", "fused@best": "fused"}

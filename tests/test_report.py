@@ -332,3 +332,25 @@ def test_report_with_many_domains_scrolls_tables_inside_not_the_page(tmp_path):
     checks, _ = render(run / "report" / "report.html", tmp_path)
     assert_layout(checks, n_images=6)
     assert any(t["scrollWidth"] > t["wrapClient"] for t in checks["tables"])  # this one needs its scrollbar
+
+
+def test_verdict_compares_best_checkpoints_when_kept(tmp_path):
+    from lmfuse.report import verdict
+
+    run = make_synthetic_run(tmp_path / "run")
+    results = json.loads((run / "eval" / "results.json").read_text())
+    for label in ("fused", "clm"):
+        rec = json.loads(json.dumps(results["models"][label]))
+        # At its best checkpoint the fused model is 0.05 bits/byte better on every block; the control the same.
+        shift = 0.05 * math.log(2) if label == "fused" else 0.0
+        rec["per_block"]["nll"] = [n - shift * b for n, b in zip(rec["per_block"]["nll"], rec["per_block"]["bytes"])]
+        results["models"][f"{label}@best"] = rec
+    paragraphs, head, rows = verdict(results, n_boot=500)
+    assert "both at their best validation checkpoints" in paragraphs[0]
+    best_row = next(r for r in rows if "best checkpoints" in r[0])
+    final_row = rows[0]
+    overall = head.index("overall")
+    # The best-checkpoint difference is the end-of-budget one minus 0.05.
+    d_best = float(best_row[overall].split()[0].replace("\u2212", "-"))
+    d_final = float(final_row[overall].split()[0].replace("\u2212", "-"))
+    assert d_best == pytest.approx(d_final - 0.05, abs=2e-4)

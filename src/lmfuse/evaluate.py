@@ -212,7 +212,8 @@ def fingerprint(spec) -> str:
 
 
 def default_models(cfg) -> list[EvalModel]:
-    """Target, every source, `train/fused`, `train/clm` (when present), and configured baselines."""
+    """Target, every source, `train/fused`, `train/clm` (when present; `@best` too with
+    `train.keep_best`), and configured baselines."""
     from lmfuse import baselines
 
     run = cfg.run_dir
@@ -223,6 +224,11 @@ def default_models(cfg) -> list[EvalModel]:
         d = hf_model_dir(run / "train" / kind) if (run / "train" / kind / "manifest.json").exists() else None
         if d is not None:
             out.append(EvalModel(kind, kind, _dir_spec(kind, d)))
+    for kind in ("fused", "clm"):
+        # `train.keep_best`: the weights at the lowest validation loss, scored beside the final ones.
+        best = run / "train" / kind / "best"
+        if (run / "train" / kind / "manifest.json").exists() and hf_model_dir(best) is not None:
+            out.append(EvalModel(f"{kind}@best", kind, _dir_spec(f"{kind}-best", best)))
     out += baselines.eval_models(cfg)
     return out
 

@@ -95,6 +95,7 @@ def fraction_stats(stats: dict[str, float]) -> dict[str, float]:
 N_BOOT = 10_000
 SEED = 0
 MINUS = "\u2212"
+BEST = "@best"  # label suffix of a model at its best validation checkpoint (`train.keep_best`)
 
 
 def _first_of_kind(models: dict[str, dict], kind: str) -> str | None:
@@ -212,6 +213,12 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
         comparisons.append((f"best source ({source})", source, compare(results, fused, source, n_boot, seed)))
     if not comparisons:
         return ["**Verdict:** none yet: neither the control nor a source was evaluated."], [], []
+    # With `train.keep_best`, also each model at its best validation checkpoint (the comparison that
+    # early stopping cannot explain away).
+    if f"{fused}{BEST}" in models and control is not None and f"{control}{BEST}" in models:
+        comparisons.append((f"{display_label(control, 'clm')}, both at their best checkpoints",
+                            "the control (both at their best validation checkpoints)",
+                            compare(results, f"{fused}{BEST}", f"{control}{BEST}", n_boot, seed)))
 
     sentences = []
     paired = all(m.get("per_block") for m in models.values() if m.get("kind") in ("fused", "clm", "source"))
