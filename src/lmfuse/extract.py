@@ -124,7 +124,7 @@ def sampling_uniforms(seed: int, block_id: int, T: int, n: int) -> np.ndarray:
     return u
 
 
-def sample_from_logits(logits, input_ids, uniforms, chunk: int = 16, block: int = 64):
+def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, block: int = 64):
     """Draw ids from the full softmax by inverse CDF; also the gold-token cross-entropy.
 
     Two-level inverse CDF, `chunk` positions at a time (a [T, V] fp32 copy never exists
@@ -142,7 +142,8 @@ def sample_from_logits(logits, input_ids, uniforms, chunk: int = 16, block: int 
         logits: [T, V] logits of one sequence (any float dtype; not modified).
         input_ids: [T] token ids of the sequence.
         uniforms: [T, n] float64 in [0, 1) (see `sampling_uniforms`), ascending per row.
-        chunk: positions per step.
+        chunk: positions per step; default 16, or more for a small vocabulary (about 2^20
+            logits per step) so that per-step overhead does not dominate.
         block: ids per block of the first level.
 
     Returns:
@@ -153,6 +154,7 @@ def sample_from_logits(logits, input_ids, uniforms, chunk: int = 16, block: int 
     import torch
 
     T, V = logits.shape
+    chunk = chunk or max(16, (1 << 20) // max(V, 1))
     dev = logits.device
     u = torch.as_tensor(uniforms, dtype=torch.float64).to(dev)
     n = u.shape[1]
