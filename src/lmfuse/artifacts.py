@@ -77,14 +77,14 @@ def read_manifest(path: str | Path) -> dict | None:
     return read_json(Path(path) / MANIFEST)
 
 
-def write_arrow(path: str | Path, table: pa.Table, compression: str | None = "zstd", level: int | None = 6) -> None:
+def write_arrow(path: str | Path, table: pa.Table, compression: str | None = None, level: int | None = 6) -> None:
     """Write a table as one Arrow IPC stream file, atomically.
 
-    Buffers are zstd-compressed by default (Arrow's own IPC compression, which every Arrow
-    reader, `datasets.Dataset.from_file` included, undoes transparently): the per-token
-    columns of `extract` and `align` shrink by a third or more. The price is that a reader
-    decompresses a shard into memory instead of memory-mapping it. zstd output is a pure
-    function of the input, so resumed and data-parallel runs stay byte-identical.
+    With `compression="zstd"` (Arrow's own IPC compression, which every Arrow reader,
+    `datasets.Dataset.from_file` included, undoes transparently) the per-token columns of
+    `extract` shrink by a third or more; the price is that a reader decompresses a shard into
+    memory instead of memory-mapping it, so only `extract` (the largest artifact) uses it. zstd
+    output is a pure function of the input, so resumed and data-parallel runs stay byte-identical.
 
     Args:
         path: destination file.
@@ -120,15 +120,17 @@ class ArtifactDir:
         config_hash: Hash of the config fields that change this stage's output.
         inputs: Upstream artifacts' config hashes, by name.
         overwrite: Delete an artifact made by another config instead of refusing.
+        compression: Arrow IPC compression of the shards (`write_arrow`); None = memory-mappable.
     """
 
     def __init__(self, path: str | Path, stage: str, config_hash: str,
-                 inputs: dict[str, str] | None = None, overwrite: bool = False):
+                 inputs: dict[str, str] | None = None, overwrite: bool = False, compression: str | None = None):
         self.path = Path(path)
         self.stage = stage
         self.config_hash = config_hash
         self.inputs = dict(inputs or {})
         self.overwrite = overwrite
+        self.compression = compression
         self._t0 = time.time()
 
     @property
@@ -188,7 +190,7 @@ class ArtifactDir:
         return self.shard_path(i).exists()
 
     def write_shard(self, i: int, table: pa.Table) -> None:
-        write_arrow(self.shard_path(i), table)
+        write_arrow(self.shard_path(i), table, self.compression)
 
     def shard_paths(self) -> list[Path]:
         return sorted(self.shard_dir.glob("shard-*.arrow"))

@@ -305,8 +305,9 @@ def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
 
     spec = cfg.model(model_name)
     h = hash_obj(["extract", spec.model_dump(exclude={"name"}), cfg.extract.model_dump()])
+    # zstd: extract shards are the largest artifact (per-token distributions); docs/extract.md.
     return ArtifactDir(cfg.run_dir / "extract" / model_name, "extract", h,
-                       {"prepare": prepare.artifact(cfg).key}, overwrite)
+                       {"prepare": prepare.artifact(cfg).key}, overwrite, compression="zstd")
 
 
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
