@@ -130,6 +130,46 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int) 
             "rss_before_mib": rss0, "collate_s": collate_s, "targets_per_pos": 0 if tid is None else tid.shape[-1]}
 
 
+def loss_only(seq: int, vocab: int = 49152, reps: int = 10) -> dict[str, float]:
+    """Seconds for the loss alone (forward + backward on fixed fp32 logits [1, seq, vocab]), median of `reps`.
+
+    The whole training step is dominated by the model (and noisy on a shared machine); this
+    isolates what each loss adds over `F.cross_entropy`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from lmfuse.loss import fused_clm_loss
+
+    torch.manual_seed(0)
+    base = torch.randn(1, seq, vocab)
+    input_ids = torch.randint(0, vocab, (1, seq))
+    labels = torch.cat([input_ids[:, 1:], torch.full((1, 1), -100)], 1)
+    mask = labels != -100
+    out = {}
+    for v in VARIANTS:
+        if v == "dense":
+            continue
+        tid, tp, rest, span = _targets(input_ids, vocab, rule="rest" if v == "fused_rest" else "renormalize") \
+            if v != "clm" else (None,) * 4
+        times = []
+        for _ in range(reps + 1):
+            x = base.clone().requires_grad_(True)
+            t = time.perf_counter()
+            if v == "clm":
+                loss = F.cross_entropy(x.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            else:
+                loss = fused_clm_loss(x, labels, tid, tp, mask, 0.9, "kl" if v == "fused_kl" else "ce",
+                                      128 if v == "fused_chunked" else None,
+                                      target_rest=rest if v == "fused_rest" else None,
+                                      span_target=span if v == "fused_span" else None,
+                                      span_weight=0.5 if v == "fused_span" else 0.0)[0]
+            loss.backward()
+            times.append(time.perf_counter() - t)
+        out[v] = statistics.median(times[1:])
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short sequences, 2 timed steps")
@@ -167,6 +207,13 @@ def main(argv=None) -> None:
         if v != "clm":
             flat.update({f"{v}_step_s": r["step_s"], f"{v}_peak_mib": r["peak_mib"], f"{v}_time_ratio": tx,
                          f"{v}_mem_ratio": mx, f"{v}_collate_s": r["collate_s"]})
+    lo = loss_only(seq, reps=4 if a.quick else 10)
+    print(f"\nloss alone (forward + backward on fixed logits [1, {seq}, 49152]), median:")
+    print(f"{'variant':>14} {'loss s':>8} {'time x':>7}")
+    for v, t in lo.items():
+        print(f"{v:>14} {t:8.4f} {t / lo['clm']:7.3f}")
+        flat[f"loss_only_{v}_s"] = t
+        flat[f"loss_only_{v}_ratio"] = t / lo["clm"]
     if a.json:
         with open(a.json, "w") as f:
             json.dump(flat, f, indent=2)
