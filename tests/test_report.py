@@ -219,6 +219,15 @@ def test_report_files_are_world_readable(tmp_path):
     assert {f.name for f in files} >= {"report.md", "report.html", "bpb.png"}
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    # Every atomic write (manifests, results.json, config copies) gets an ordinary file's mode.
+    from lmfuse.artifacts import atomic_write_json
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o640
 
 
 # -- in a real browser -------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -598,8 +597,6 @@ def write_report(run_dir: str | Path) -> Path:
     md = out / "report.md"
     atomic_write_bytes(md, doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(f"lmfuse report: {run_dir.name}").encode())
-    for f in [md, out / "report.html", *out.glob("*.png")]:
-        _readable(f)
     return md
 
 
@@ -644,26 +641,6 @@ def _target_diagnostics(doc: Document, run_dir: Path) -> None:
     if arows:
         doc.table(["source", "token rule", "domain", "aligned", "next token ends together", "mass mapped",
                    "on tokens the target would not write", "moved to gold", "dropped", "gold token stored"], arows)
-
-
-def _readable(path: Path) -> None:
-    """Give a file the mode an ordinary `open()` would (0666 less the umask: 0644 under 022).
-
-    The atomic writes go through `tempfile.mkstemp`, which creates files 0600.
-    """
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _fmt(v: float | None, fraction: bool = False) -> str:
