@@ -50,7 +50,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="write a flat {name: value} object here")
+    ap.add_argument("--quick", action="store_true", help="8 blocks of 400 characters (CI: the benchmark runs)")
     args = ap.parse_args()
+    if args.quick:
+        args.blocks, args.chars = min(args.blocks, 8), min(args.chars, 400)
 
     if args.corpus:
         texts, domains = load_texts(args.corpus, args.blocks, args.chars)
