@@ -362,3 +362,33 @@ def test_two_processes_match_one(tmp_path, target_dir):
     for key in ("loss", "clm", "fusion"):
         assert [r[key] for r in l1] == pytest.approx([r[key] for r in l2], abs=1e-5)
     assert json.loads((run2 / "train" / "fused" / "manifest.json").read_text())["metrics"]["world_size"] == 2
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_change(tmp_path, target_dir, monkeypatch):
+    import lmfuse.train as tr
+
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, max_steps=4, save_every=2)
+    real = tr.fused_clm_loss
+    calls = {"n": 0}
+
+    def diverging(*a, **k):  # one loss call per optimizer step here: the 3rd step goes NaN
+        out = real(*a, **k)
+        calls["n"] += 1
+        return (out[0] * float("nan"), *out[1:]) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(tr, "fused_clm_loss", diverging)
+    with pytest.raises(LmfuseError, match="not finite at step 3") as e:
+        run_train(cfg)
+    assert "learning_rate" in str(e.value)
+    out = run / "train" / "fused"
+    assert not (out / "manifest.json").exists()  # not complete
+    # The checkpoint of step 2 is there and finite: a rerun (without the fault) resumes from it.
+    from safetensors.torch import load_file
+
+    ckpt = next((out / "checkpoints").glob("step-*"))
+    weights = load_file(next(ckpt.glob("*.safetensors")))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    monkeypatch.setattr(tr, "fused_clm_loss", real)
+    man = run_train(cfg)
+    assert man["metrics"]["steps"] == 4 and np.isfinite(man["metrics"]["final_train_loss"])

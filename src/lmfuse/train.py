@@ -509,11 +509,19 @@ def run_train(cfg, control: bool = False, overwrite: bool = False) -> dict:
                 acc.backward(total_l * scale * world)
             sums += torch.tensor([total_l.item(), clm_l.item(), fus_l.item(), span_l.item()],
                                  dtype=torch.float64) * scale
-        acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+        # Finite or fail, before the step: the weights (and the last checkpoint) stay finite.
+        if not (torch.isfinite(sums).all() and torch.isfinite(torch.as_tensor(grad_norm)).all()):
+            raise LmfuseError(
+                f"the loss or its gradient is not finite at step {step + 1} (loss {float(sums[0])}, clm "
+                f"{float(sums[1])}, fusion {float(sums[2])}, gradient norm {float(grad_norm)}); training stopped "
+                "before the weights were updated", where=str(art.path),
+                fix="lower train.learning_rate (or raise train.warmup_ratio), or train in float32 "
+                    "(train.precision); a rerun resumes from the last checkpoint")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
         done = step + 1
         rec = {"step": done, "loss": float(sums[0]), "clm": float(sums[1]), "fusion": float(sums[2]),
                "lr": sched.get_last_lr()[0], "clm_weight": lam, "tokens": n_global}
