@@ -233,3 +233,29 @@ def test_best_checkpoints_are_scored_beside_the_final_models(tmp_path, tiny):
     shutil.copytree(tiny["bpe"], cfg.run_dir / "train" / "fused" / "best")
     models = {m.label: m.kind for m in evaluate.default_models(cfg)}
     assert models == {"tgt": "target", "src": "source", "fused": "fused", "clm": "clm", "fused@best": "fused"}
+
+
+def test_a_nan_model_is_flagged_and_results_stay_valid_json(tmp_path, tiny):
+    import shutil
+
+    nan_dir = tmp_path / "nan_model"
+    shutil.copytree(tiny["spm"], nan_dir)
+    model = AutoModelForCausalLM.from_pretrained(nan_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(nan_dir)
+    cfg = FuseConfig.model_validate({
+        "output_dir": str(tmp_path / "run"),
+        "target": {"name": "tgt", "path": str(tiny["bpe"]), "dtype": "float32"},
+        "sources": [{"name": "broken", "path": str(nan_dir), "dtype": "float32"}],
+        "corpus": {"path": str(tmp_path / "corpus.jsonl")}})
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
+    lines = []
+    evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    text = (cfg.run_dir / "eval" / "results.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))  # strict JSON
+    assert doc["models"]["broken"]["non_finite"] is True
+    assert doc["models"]["broken"]["overall"]["bpb"] is None
+    assert math.isfinite(doc["models"]["tgt"]["overall"]["bpb"])
+    assert any("broken: NOT FINITE" in line for line in lines)

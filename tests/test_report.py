@@ -363,3 +363,19 @@ def test_verdict_compares_best_checkpoints_when_kept(tmp_path):
     d_best = float(best_row[overall].split()[0].replace("\u2212", "-"))
     d_final = float(final_row[overall].split()[0].replace("\u2212", "-"))
     assert d_best == pytest.approx(d_final - 0.05, abs=2e-4)
+
+
+def test_a_non_finite_model_is_named_and_left_out(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    results = json.loads((run / "eval" / "results.json").read_text())
+    rec = results["models"]["gemma3"]
+    rec["non_finite"] = True
+    rec["overall"]["bpb"] = None
+    for d in rec["domains"].values():
+        d["bpb"] = None
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    text = write_report(run).read_text()
+    assert "**Not finite:** `gemma3`" in text
+    held = text.split("## Held-out results")[1].split("\n## ")[0]
+    assert "| gemma3" not in held and "| smollm2 (target) |" in held
+    assert "gemma3" not in text.split("## Held-out results")[0]  # nor does the verdict name it

@@ -448,6 +448,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
         rec = None if overwrite else read_json(cache)
         if rec is not None and "per_block" not in rec:
             rec = None  # cached before per-block figures were kept: score again
+        cached = rec is not None
         if rec is None:
             t = time.time()
             model, tok = load_eval_model(m, cfg.eval.dtype, device)
@@ -456,10 +457,16 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
             gc.collect()
             rec = {**summarize(rows, domains), "kind": m.kind, "seconds": round(time.time() - t, 3),
                    "path": [str(s.path) for s in m.specs()], "per_block": per_block(rows, chosen)}
+            if not all(math.isfinite(r[0]) for r in rows):
+                # NaN/inf weights or logits: flagged, and written as null (results.json stays valid JSON).
+                rec["non_finite"] = True
             atomic_write_json(cache, rec)
-            log(f"  {m.label}: {rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']:.1f} s)")
+        bpb = rec["overall"].get("bpb")
+        if rec.get("non_finite") or bpb is None:
+            log(f"  {m.label}: NOT FINITE: its NLL is NaN or infinite on some blocks (check the model's weights; "
+                "its figures are null in results.json)")
         else:
-            log(f"  {m.label}: {rec['overall']['bpb']:.4f} bits/byte (cached)")
+            log(f"  {m.label}: {bpb:.4f} bits/byte " + ("(cached)" if cached else f"({rec['seconds']:.1f} s)"))
         results[m.label] = rec
 
     doc = {"split": split, "corpus": str(data_cfg.corpus.path), "data_hash": data_hash, "blocks": len(chosen),

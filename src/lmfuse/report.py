@@ -496,6 +496,11 @@ def write_report(run_dir: str | Path) -> Path:
     doc = Document()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
     results = read_json(run_dir / "eval" / "results.json")
+    broken = []
+    if results and results.get("models"):
+        # A model whose NLL is NaN/inf (null in results.json) is named, and left out of every comparison.
+        broken = [k for k, r in results["models"].items() if r.get("non_finite") or not _num(r["overall"].get("bpb"))]
+        results["models"] = {k: r for k, r in results["models"].items() if k not in broken}
     if results and results.get("models"):  # results.json has sorted keys: show models in a reading order
         rank = {"target": 0, "source": 1, "fused": 2, "clm": 3}
         results["models"] = dict(sorted(results["models"].items(), key=lambda kv: rank.get(kv[1].get("kind"), 4)))
@@ -512,6 +517,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     # Results.
     doc.h("Held-out results")
+    if broken:
+        doc.p(f"**Not finite:** {', '.join(f'`{b}`' for b in broken)}: the NLL is NaN or infinite on some held-out "
+              "blocks (NaN/inf weights?), so these models are left out of every table, plot and comparison.")
     if not results or not results.get("models"):
         doc.p("Evaluation: not run (`lmfuse eval`).")
     else:
