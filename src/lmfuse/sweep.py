@@ -1026,25 +1026,10 @@ def write_outputs(doc: dict, out_dir: str | Path) -> Path:
     """Write `sweep.json`, `sweep.md`, `sweep.html` and the PNGs; return the `.md` path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "sweep.json", _finite(doc))
+    atomic_write_json(out_dir / "sweep.json", doc)  # NaN written as null
     d = render(doc, out_dir)
     md = out_dir / "sweep.md"
     atomic_write_bytes(md, d.markdown().encode())
     title = f"lmfuse sweep: {Path(doc['sweep']).name if doc.get('sweep') else out_dir.name}"
     atomic_write_bytes(out_dir / "sweep.html", d.html(title, embed_images=False).encode())
-    mask = os.umask(0o022)
-    os.umask(mask)
-    for f in [md, out_dir / "sweep.html", out_dir / "sweep.json", *out_dir.glob("sweep_*.png")]:
-        os.chmod(f, 0o666 & ~mask)  # atomic writes create 0600 files
     return md
-
-
-def _finite(obj: Any) -> Any:
-    """NaN → None, so `sweep.json` is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
