@@ -156,8 +156,23 @@ def test_domain_without_validation_blocks_is_refused_before_any_work(make_config
     cfg = load_config(make_config({"corpus.path": str(p)}))
     with pytest.raises(LmfuseError, match="tiny") as e:
         run_prepare(cfg, log=lambda *a: None)
-    assert "min_validation_blocks" in str(e.value)
     assert not (cfg.run_dir / "prepare" / "manifest.json").exists()
+    # The advice is one that works: `min_validation_blocks: 0` would only move the failure to eval.
+    assert "min_validation_blocks: 0" not in str(e.value) and "corpus.split_field" in str(e.value)
+
+    # Following it (each document's split chosen in the corpus) gives blocks that eval can score.
+    from lmfuse.evaluate import select_blocks
+    from lmfuse.prepare import load_blocks
+
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    for r, split in zip(rows, ["train", "validation", "validation"], strict=True):
+        r["split"] = split
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(make_config({"corpus.path": str(p), "corpus.split_field": "split"}, name="split.yaml"))
+    run_prepare(cfg, log=lambda *a: None)  # the failed run's stage.json (another config) is replaced
+    ds = load_blocks(cfg)
+    blocks = [{"domain": d, "split": s} for d, s in zip(ds["domain"], ds["split"], strict=True)]
+    assert {b["domain"] for b in select_blocks(blocks, "validation")} == {"big", "tiny"}
 
 
 def test_split_field_gives_each_documents_split(make_config, tmp_path):

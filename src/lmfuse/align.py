@@ -657,14 +657,10 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
 # -- the stage ----------------------------------------------------------------------------------
 def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
     """The `align/<source>` artifact; inputs are the two extractions and the vocab map."""
-    from lmfuse import extract, vocabmap
+    from lmfuse.stages import input_keys
 
     cfg.model(source_name)
-    inputs = {
-        "extract_target": extract.artifact(cfg, cfg.target.name).key,
-        "extract_source": extract.artifact(cfg, source_name).key,
-        "vocab_map": vocabmap.artifact(cfg, source_name).key,
-    }
+    inputs = input_keys(cfg, f"align/{source_name}")
     h = hash_obj(["align", cfg.target.name, source_name, cfg.align.model_dump()])
     return ArtifactDir(cfg.run_dir / "align" / source_name, "align", h, inputs, overwrite)
 
@@ -803,6 +799,26 @@ def read_shard_rows(path) -> list[dict]:
     return rows
 
 
+def check_ids(rows: list[dict], vocab_size: int, where: str, name: str) -> None:
+    """Refuse input ids outside the tokenizer's vocabulary (a damaged or foreign extraction):
+    they would index past the vocab map and the token tables. (Stored distribution ids may reach
+    past the tokenizer, up to the model's output size; the alignment skips those.)
+
+    Args:
+        rows: blocks of one extraction shard (`read_shard_rows`).
+        vocab_size: the tokenizer's vocabulary size (the extraction's `vocab_size`); 0 = unknown.
+    """
+    if vocab_size <= 0:
+        return
+    for r in rows:
+        ids = np.asarray(r["input_ids"], dtype=np.int64)
+        if len(ids) and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise LmfuseError(f"token id {bad} is outside the vocabulary of {name} (size {vocab_size})",
+                              where=f"{where}, block {r.get('block_id')}",
+                              fix=f"rebuild the extraction: `lmfuse extract CONFIG --model {name} --overwrite`")
+
+
 def _complete_extract(cfg, name: str):
     from lmfuse import extract
 
@@ -850,67 +866,79 @@ def _fmt_share(x: float) -> str:
 def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict:
     """Align one source's extraction to the target's (resumable, data-parallel by shard)."""
     from lmfuse import prepare, vocabmap
-    from lmfuse.parallel import barrier, is_main, my_shards
+    from lmfuse.stages import run_stage
 
     art = artifact(cfg, source_name, overwrite)
     if art.is_complete():
         return read_manifest(art.path)
     tname = cfg.target.name
-    tgt_art, tgt_man = _complete_extract(cfg, tname)
-    src_art, src_man = _complete_extract(cfg, source_name)
-    check_extractions(tgt_man, src_man, tname, source_name)
-    vmap, how, _ = vocabmap.load_vocab_map(cfg, source_name, src_man.get("tokenizer_fingerprint"),
-                                         tgt_man.get("tokenizer_fingerprint"))
-    exact = np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW))
     method = cfg.align.method
-    ctx = align_context(cfg, source_name)
-    blocks = prepare.artifact(cfg).load()
-    n_shards, S = int(src_man["n_shards"]), int(src_man["shard_size"])
-    if is_main():
-        art.begin()
-    barrier()
     stats_dir = art.path / "stats"
     t0 = time.time()
-    for i in my_shards(n_shards):
-        if art.shard_done(i) and (stats_dir / f"stats-{i:05d}.json").exists():
-            continue
-        rows = blocks[i * S: (i + 1) * S]
-        tgt_rows, src_rows = read_shard_rows(tgt_art.shard_path(i)), read_shard_rows(src_art.shard_path(i))
-        for rws, name in ((tgt_rows, tname), (src_rows, source_name)):
-            if len(rws) != len(rows["block_id"]):
-                raise LmfuseError(f"shard {i} of extract/{name} holds {len(rws)} blocks, "
-                                  f"the prepared blocks {len(rows['block_id'])}", where=f"extract/{name}",
-                                  fix="rerun `lmfuse extract` with --overwrite")
-        table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, vmap, ctx,
-                                   (tname, source_name), rows["domain"], exact)
-        # Stats first, shard last: a shard file on disk always has its stats.
-        atomic_write_json(stats_dir / f"stats-{i:05d}.json", stats)
-        art.write_shard(i, table)
-    barrier()
-    if not is_main():
-        return {}
-    missing = [i for i in range(n_shards) if not art.shard_done(i)]
-    if missing:
-        raise LmfuseError(f"shards {missing[:5]} of align/{source_name} are missing after the run",
-                          where=str(art.path), fix="rerun the same command: it resumes")
-    total: dict = {}
-    domains: dict[str, dict] = {}
-    for i in range(n_shards):
-        st = read_json(stats_dir / f"stats-{i:05d}.json") or {}
-        _add_stats(total, st)
-        for d, dst in st.get("domains", {}).items():
-            _add_stats(domains.setdefault(d, {}), dst)
-    diag = diagnostics(total)
-    diag_dom = {d: diagnostics(v) for d, v in sorted(domains.items())}
-    manifest = art.finish(
-        source=source_name, target=tname, method=method, token_rule=cfg.align.token_rule,
-        distribution=src_man.get("distribution", "topk"), top_k=src_man.get("top_k"), shard_size=S,
-        n_shards=n_shards, n_blocks=len(blocks), target_positions=int(total.get("positions", 0)),
-        aligned_positions=int(total.get("aligned", 0)), aligned_fraction=diag["aligned_fraction"],
-        mapped_mass_fraction=diag["mapped_mass"], exact_mass_fraction=diag["exact_mass"],
-        aligned_fraction_per_domain={d: v["aligned_fraction"] for d, v in diag_dom.items()},
-        diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - t0, 3),
-    )
+    inp: dict = {}
+
+    def n_shards() -> int:
+        # Called once the inputs' checksums are checked: nothing is read from them before.
+        tgt_art, tgt_man = _complete_extract(cfg, tname)
+        src_art, src_man = _complete_extract(cfg, source_name)
+        check_extractions(tgt_man, src_man, tname, source_name)
+        vmap, how, _ = vocabmap.load_vocab_map(cfg, source_name, src_man.get("tokenizer_fingerprint"),
+                                             tgt_man.get("tokenizer_fingerprint"))
+        inp.update(tgt_art=tgt_art, src_art=src_art, src_man=src_man, vmap=vmap,
+                   exact=np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW)),
+                   tgt_vocab=int(tgt_man.get("vocab_size") or 0), src_vocab=int(src_man.get("vocab_size") or 0),
+                   blocks=prepare.artifact(cfg).load())
+        return int(src_man["n_shards"])
+
+    def done(i: int) -> bool:
+        return art.shard_done(i) and (stats_dir / f"stats-{i:05d}.json").exists()
+
+    def write(todo: list[int]) -> None:
+        ctx = align_context(cfg, source_name)
+        S, blocks = int(inp["src_man"]["shard_size"]), inp["blocks"]
+        for i in todo:
+            rows = blocks[i * S: (i + 1) * S]
+            tgt_rows = read_shard_rows(inp["tgt_art"].shard_path(i))
+            src_rows = read_shard_rows(inp["src_art"].shard_path(i))
+            for rws, name, vocab in ((tgt_rows, tname, inp["tgt_vocab"]), (src_rows, source_name, inp["src_vocab"])):
+                if len(rws) != len(rows["block_id"]):
+                    raise LmfuseError(f"shard {i} of extract/{name} holds {len(rws)} blocks, "
+                                      f"the prepared blocks {len(rows['block_id'])}", where=f"extract/{name}",
+                                      fix=f"rerun `lmfuse extract CONFIG --model {name} --overwrite`")
+                check_ids(rws, vocab, f"extract/{name}, shard {i}", name)
+            table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, inp["vmap"], ctx,
+                                       (tname, source_name), rows["domain"], inp["exact"])
+            # Stats first, shard last: a shard file on disk always has its stats.
+            atomic_write_json(stats_dir / f"stats-{i:05d}.json", stats)
+            art.write_shard(i, table)
+
+    def summary() -> dict:
+        n = int(inp["src_man"]["n_shards"])
+        total: dict = {}
+        domains: dict[str, dict] = {}
+        for i in range(n):
+            st = read_json(stats_dir / f"stats-{i:05d}.json") or {}
+            _add_stats(total, st)
+            for d, dst in st.get("domains", {}).items():
+                _add_stats(domains.setdefault(d, {}), dst)
+        diag = diagnostics(total)
+        diag_dom = {d: diagnostics(v) for d, v in sorted(domains.items())}
+        src_man = inp["src_man"]
+        return dict(
+            source=source_name, target=tname, method=method, token_rule=cfg.align.token_rule,
+            distribution=src_man.get("distribution", "topk"), top_k=src_man.get("top_k"),
+            shard_size=int(src_man["shard_size"]), n_shards=n, n_blocks=len(inp["blocks"]),
+            target_positions=int(total.get("positions", 0)),
+            aligned_positions=int(total.get("aligned", 0)), aligned_fraction=diag["aligned_fraction"],
+            mapped_mass_fraction=diag["mapped_mass"], exact_mass_fraction=diag["exact_mass"],
+            aligned_fraction_per_domain={d: v["aligned_fraction"] for d, v in diag_dom.items()},
+            diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - t0, 3),
+        )
+
+    manifest = run_stage(cfg, f"align/{source_name}", art, n_shards, write, summary, done=done, log=log)
+    if not manifest:
+        return manifest
+    diag, diag_dom = manifest["diagnostics"], manifest["diagnostics_per_domain"]
     log(f"align {source_name} -> {tname} ({method}, token rule {cfg.align.token_rule}): "
         f"{_fmt_share(diag['aligned_fraction'])} of target positions aligned -> {art.path}")
     log(f"  {'domain':<14} {'aligned':>8} {'next end':>9} {'mapped':>7} {'exact':>6} {'not-tgt':>8} "

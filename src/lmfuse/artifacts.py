@@ -5,10 +5,16 @@ written to a temp file and renamed, so a shard file on disk is always whole), an
 `manifest.json` last. A rerun skips the shards that exist, so a killed stage resumes and the
 result is byte-identical to an uninterrupted run. A directory made by a different config is
 refused instead of being mixed into.
+
+The manifest records every file of the artifact (relative path, size, sha256), so damage is
+found instead of used: sizes are checked whenever an artifact's state is read (a stat per
+file), contents when a stage starts on an artifact (`open_artifact`, `check_artifact`) and by
+`lmfuse verify`. A damaged artifact is reported with the file and the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -24,9 +30,35 @@ import pyarrow as pa
 
 from lmfuse import __version__
 from lmfuse.errors import LmfuseError
+from lmfuse.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
 STAGE = "stage.json"
+# Files an artifact may hold that are not part of its content (they change legitimately).
+UNCHECKED = (MANIFEST, STAGE, "log.jsonl")
+
+
+def os_error(e: OSError, path: str | Path, doing: str = "write") -> LmfuseError:
+    """An operating-system error on a path, as an `LmfuseError` that says what to do about it.
+
+    Args:
+        e: The error (its `errno` picks the advice).
+        path: The file or directory concerned.
+        doing: What lmfuse was doing, e.g. "write", "create the run directory".
+    """
+    reason = e.strerror or str(e)
+    fixes = {
+        errno.ENOSPC: "free disk space (or point output_dir at a larger disk), then rerun: finished shards are kept",
+        errno.EDQUOT: "free space within your disk quota, then rerun: finished shards are kept",
+        errno.EROFS: "the file system is read-only: set output_dir to a writable directory",
+        errno.EACCES: "make the directory writable for you, or set output_dir to one that is",
+        errno.EPERM: "make the directory writable for you, or set output_dir to one that is",
+        errno.ENOTDIR: "a part of this path is a file, not a directory: set output_dir to a directory path",
+        errno.EEXIST: "a file is in the way of a directory: move it, or set output_dir elsewhere",
+        errno.EIO: "the disk reported an I/O error: check the device, then rerun",
+    }
+    return LmfuseError(f"cannot {doing}: {reason}", where=str(getattr(e, "filename", None) or path),
+                       fix=fixes.get(e.errno, "check the path and its permissions, then rerun"))
 
 
 def hash_obj(obj: Any) -> str:
@@ -56,10 +88,18 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file whole or not at all (temp file + rename), with an ordinary file's mode."""
+    """Write a file whole or not at all (temp file + rename), with an ordinary file's mode.
+
+    Raises:
+        LmfuseError: the file cannot be written (full disk, read-only or missing directory...);
+            no partial file is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise os_error(e, path) from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; open() would give 0644 under umask 022
         with os.fdopen(fd, "wb") as f:
@@ -67,8 +107,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise os_error(e, path) from e
         raise
 
 
@@ -130,13 +172,90 @@ def write_arrow(path: str | Path, table: pa.Table, compression: str | None = Non
 
 
 def load_arrow_dataset(paths: Iterable[str | Path]):
-    """Memory-map Arrow stream files as one `datasets.Dataset`."""
+    """Memory-map Arrow stream files as one `datasets.Dataset`.
+
+    Raises:
+        LmfuseError: a file is not a readable Arrow stream (it names the file).
+    """
     from datasets import Dataset, concatenate_datasets
 
-    parts = [Dataset.from_file(str(p)) for p in paths]
+    parts = []
+    for p in paths:
+        try:
+            parts.append(Dataset.from_file(str(p)))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise LmfuseError(f"cannot read shard {Path(p).name}: {e}", where=str(p),
+                              fix=f"rebuild the artifact: `{regenerate_command(Path(p).parent.parent)}`") from e
     if not parts:
         raise LmfuseError("artifact holds no shards")
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def regenerate_command(path: str | Path, stage: str | None = None) -> str:
+    """The command that rebuilds the artifact at `path` (`RUN/<stage>[/<name>]`), for error messages."""
+    path = Path(path)
+    stage = stage or (path.name if path.name == "prepare" else path.parent.name)
+    name = path.name
+    if stage == "prepare":
+        return "lmfuse prepare CONFIG --overwrite"
+    if stage == "extract":
+        return f"lmfuse extract CONFIG --model {name} --overwrite"
+    if stage == "vocab_map":
+        return f"lmfuse vocab-map CONFIG --source {name} --overwrite"
+    if stage == "align":
+        return f"lmfuse align CONFIG --source {name} --overwrite"
+    if stage == "train":
+        return "lmfuse train CONFIG" + (" --control" if name == "clm" else "") + " --overwrite"
+    return "lmfuse run CONFIG --overwrite"
+
+
+def content_files(path: str | Path) -> list[Path]:
+    """The files that make up an artifact's content: all but the manifest, stage record, logs,
+    dot files (lock, temp files) and temp files."""
+    path = Path(path)
+    out = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or f.name.endswith(".tmp"):
+            continue
+        if f.is_file() and str(rel) not in UNCHECKED:
+            out.append(f)
+    return out
+
+
+def file_records(path: str | Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of an artifact's content files (`content_files`)."""
+    path = Path(path)
+    return {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in content_files(path)}
+
+
+def damage(path: str | Path, manifest: dict, full: bool = False) -> list[str]:
+    """What is wrong with a complete artifact's files: missing, resized or (with `full`) changed.
+
+    Args:
+        path: The artifact directory.
+        manifest: Its manifest (`files` records; none in manifests of older lmfuse versions, which
+            cannot be checked and give no problems).
+        full: Also compare each file's sha256 (reads every byte); otherwise sizes only (a stat).
+
+    Returns:
+        One line per damaged file, e.g. `shards/shard-00001.arrow: 1200 bytes, expected 4096`.
+    """
+    path = Path(path)
+    problems = []
+    for rel, rec in sorted((manifest.get("files") or {}).items()):
+        f = path / rel
+        try:
+            size = f.stat().st_size
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != rec.get("size"):
+            problems.append(f"{rel}: {size} bytes, expected {rec.get('size')}")
+        elif full and sha256_file(f) != rec.get("sha256"):
+            problems.append(f"{rel}: contents changed (sha256 differs from the manifest's)")
+    return problems
 
 
 class ArtifactDir:
@@ -147,7 +266,9 @@ class ArtifactDir:
         stage: Stage name (`prepare`, `extract`, ...).
         config_hash: Hash of the config fields that change this stage's output.
         inputs: Upstream artifacts' config hashes, by name.
-        overwrite: Delete an artifact made by another config instead of refusing.
+        overwrite: Regenerate: delete the artifact (complete, partial, or made by another
+            config) when the stage begins. Until then `is_complete()` is False, so every stage
+            that asks it rebuilds.
         compression: Arrow IPC compression of the shards (`write_arrow`); None = memory-mappable.
     """
 
@@ -160,6 +281,8 @@ class ArtifactDir:
         self.overwrite = overwrite
         self.compression = compression
         self._t0 = time.time()
+        self._begun = False
+        self.problems: list[str] = []  # the damage found by the last `state()`
 
     @property
     def key(self) -> str:
@@ -172,7 +295,13 @@ class ArtifactDir:
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> str:
-        """`missing`, `complete`, `partial` (same config, unfinished) or `stale`."""
+        """`missing`, `complete`, `damaged` (complete and current, but a file is missing or has
+        another size than the manifest records: see `problems`), `partial` (same config,
+        unfinished) or `stale` (made by another config or from other inputs)."""
+        self.problems = []
+        if self.path.exists() and not self.path.is_dir():
+            raise LmfuseError(f"{self.path} is a file, not an artifact directory", where=str(self.path),
+                              fix="move the file away (or set output_dir to another directory), then rerun")
         manifest = read_manifest(self.path)
         stage = read_json(self.path / STAGE)
         if manifest is None and stage is None:
@@ -180,31 +309,69 @@ class ArtifactDir:
         rec = manifest or stage
         if rec.get("config_hash") != self.config_hash or rec.get("inputs", {}) != self.inputs:
             return "stale"
-        return "complete" if manifest is not None else "partial"
+        if manifest is None:
+            return "partial"
+        self.problems = damage(self.path, manifest)
+        return "damaged" if self.problems else "complete"
 
     def is_complete(self) -> bool:
+        """Complete, current and undamaged, and not to be regenerated (`overwrite`)."""
+        if self.overwrite and not self._begun:
+            return False
         return self.state() == "complete"
 
-    def begin(self) -> None:
-        """Claim the directory for this config; refuse one made by another config."""
-        state = self.state()
-        if state == "stale":
-            if not self.overwrite:
-                rec = read_manifest(self.path) or read_json(self.path / STAGE) or {}
-                raise LmfuseError(
-                    f"{self.path} holds a '{rec.get('stage', '?')}' artifact made from a different "
-                    f"config (config hash {rec.get('config_hash')}, inputs {rec.get('inputs')}; "
-                    f"this run has {self.config_hash}, inputs {self.inputs})",
-                    where=str(self.path),
-                    fix="use another output directory, or pass --overwrite to delete it and start again",
-                )
+    def _remove(self) -> None:
+        if self.path.is_symlink():  # a sweep links artifacts into its store: drop the link, keep the entry
+            self.path.unlink()
+        elif self.path.exists():
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, log=print) -> None:
+        """Claim the directory for this config, so the stage can write its missing files.
+
+        - `overwrite`: whatever is there is deleted (a complete artifact too: it is rebuilt);
+        - a partial artifact of another config (a failed or killed run) is replaced, with a line
+          in the log; a complete one of another config is refused unless `overwrite`;
+        - a damaged one loses its manifest and its damaged files, so the stage rewrites just those;
+        - temp files a killed write left behind are removed.
+        """
+        state = self.state()
+        manifest = read_manifest(self.path) if state in ("stale", "complete", "damaged") else None
+        if self.overwrite and state != "missing":
+            log(f"{self.stage}: --overwrite: deleting {self.path} and building it again")
+            self._remove()
+            state = "missing"
+        elif state == "stale" and manifest is None:
+            log(f"{self.stage}: {self.path} holds an unfinished artifact of another config; replacing it")
+            self._remove()
+        elif state == "stale":
+            raise LmfuseError(
+                f"{self.path} holds a '{manifest.get('stage', '?')}' artifact made from a different "
+                f"config (config hash {manifest.get('config_hash')}, inputs {manifest.get('inputs')}; "
+                f"this run has {self.config_hash}, inputs {self.inputs})",
+                where=str(self.path),
+                fix="use another output directory, or pass --overwrite to delete it and start again",
+            )
+        elif state == "damaged":
+            log(f"{self.stage}: {self.path} is damaged ({'; '.join(self.problems[:3])}); rebuilding the damaged files")
+            (self.path / MANIFEST).unlink()
+            for line in self.problems:
+                (self.path / line.split(": ", 1)[0]).unlink(missing_ok=True)
+        elif state == "complete":
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(e, self.path, "create the artifact directory") from e
+        for tmp in self.path.rglob("*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
         if state in ("missing", "stale"):
             atomic_write_json(self.path / STAGE, {
                 "stage": self.stage, "config_hash": self.config_hash, "inputs": self.inputs, "key": self.key,
                 "lmfuse_version": __version__,
             })
+        self._begun = True
 
     # -- shards --------------------------------------------------------------------------
     @property
@@ -224,15 +391,23 @@ class ArtifactDir:
         return sorted(self.shard_dir.glob("shard-*.arrow"))
 
     def load(self):
-        """The artifact's rows as one memory-mapped `datasets.Dataset`."""
-        if not self.is_complete():
+        """The artifact's rows as one memory-mapped `datasets.Dataset` (file sizes checked)."""
+        state = self.state()
+        if state == "damaged":
+            raise LmfuseError(f"the {self.stage} artifact is damaged: {'; '.join(self.problems[:3])}",
+                              where=str(self.path), fix=f"rebuild it: `{regenerate_command(self.path, self.stage)}`")
+        if state != "complete":
             raise LmfuseError(f"{self.stage} artifact at {self.path} is not complete",
                               where=str(self.path), fix=f"run `lmfuse {self.stage}` first")
         return load_arrow_dataset(self.shard_paths())
 
     # -- finish --------------------------------------------------------------------------
     def finish(self, **extra: Any) -> dict:
-        """Write the manifest; the artifact is complete from then on."""
+        """Write the manifest, with every content file's size and sha256; the artifact is
+        complete from then on."""
+        for tmp in self.path.rglob("*.tmp"):  # a killed write's leftovers are no part of it
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
         manifest = {
             "stage": self.stage,
             "lmfuse_version": __version__,
@@ -242,20 +417,50 @@ class ArtifactDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - self._t0, 3),
             **extra,
+            "files": file_records(self.path),
         }
         atomic_write_json(self.path / MANIFEST, manifest)
+        self._begun = True
         return manifest
 
 
-def open_artifact(path: str | Path, stage: str) -> tuple[dict, Any]:
-    """Read a complete upstream artifact: (manifest, dataset)."""
+def check_artifact(path: str | Path, stage: str, full: bool = True) -> dict:
+    """The manifest of a complete, undamaged artifact; raise naming the damage otherwise.
+
+    Args:
+        path: The artifact directory.
+        stage: The stage it must hold (`prepare`, `extract`, ...).
+        full: Compare contents (sha256, reads every byte) as well as sizes: what a stage does
+            once with each artifact it starts on.
+
+    Raises:
+        LmfuseError: no complete artifact of that stage there, or a file is missing, resized or
+            changed (the message names the files and the command that rebuilds the artifact).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
         raise LmfuseError(f"no complete {stage} artifact at {path}", where=str(path),
-                          fix=f"run `lmfuse {stage}` first (or `lmfuse run CONFIG`)")
+                          fix=f"run `lmfuse {stage.replace('_', '-')}` first (or `lmfuse run CONFIG`)")
     if manifest.get("stage") != stage:
         raise LmfuseError(f"{path} holds a '{manifest.get('stage')}' artifact, not '{stage}'",
                           where=str(path), fix="point at the right directory")
+    problems = damage(path, manifest, full=full)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LmfuseError(f"the {stage} artifact is damaged: {'; '.join(problems[:3])}{more}",
+                          where=str(path), fix=f"rebuild it: `{regenerate_command(path, stage)}` "
+                                               "(or `lmfuse run CONFIG`, which rebuilds damaged files)")
+    return manifest
+
+
+def open_artifact(path: str | Path, stage: str, full: bool = True) -> tuple[dict, Any]:
+    """Read a complete upstream artifact: (manifest, dataset or None if it has no shards).
+
+    Its files are checked first (`check_artifact`; contents too unless `full=False`), so damaged
+    data is reported, never used.
+    """
+    path = Path(path)
+    manifest = check_artifact(path, stage, full=full)
     shards = sorted((path / "shards").glob("shard-*.arrow"))
     return manifest, (load_arrow_dataset(shards) if shards else None)

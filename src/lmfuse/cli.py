@@ -19,7 +19,8 @@ models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 app.add_typer(models_app, name="models")
 
 Config = Annotated[Path, typer.Argument(help="the run's YAML config", show_default=False, metavar="CONFIG")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="delete an artifact made from a different config")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="delete the artifact and build it again (a complete "
+                                                                   "one too, or one made from a different config)")]
 
 
 Sources = Annotated[list[str] | None, typer.Option("--source", "-s", metavar="NAME",
@@ -93,9 +94,12 @@ def train(config: Config,
           control: Annotated[bool, typer.Option("--control", help="train the λ = 1 control instead")] = False,
           overwrite: Overwrite = False):
     """Continually train the target on λ·CLM + (1−λ)·fusion loss."""
+    from lmfuse.lock import run_lock
     from lmfuse.train import run_train
 
-    run_train(_cfg(config), control=control, overwrite=overwrite)
+    cfg = _cfg(config)
+    with run_lock(cfg.run_dir):
+        run_train(cfg, control=control, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -117,16 +121,38 @@ def eval_(config: Config,
         if not sep or not label or not path:
             raise LmfuseError(f"--model {item!r} is not LABEL=PATH", fix="e.g. --model mine=/models/my-hf-dir")
         extra.append((label, path))
-    run_eval(_cfg(config), overwrite=overwrite, device=device, extra=extra, corpus=corpus)
+    from lmfuse.lock import run_lock
+
+    cfg = _cfg(config)
+    with run_lock(cfg.run_dir):
+        run_eval(cfg, overwrite=overwrite, device=device, extra=extra, corpus=corpus)
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run's output directory", metavar="RUN_DIR")]):
     """Write a Markdown + HTML report with plots for a run directory."""
+    from lmfuse.lock import run_lock
     from lmfuse.report import write_report
 
-    md = write_report(run_dir)
+    with run_lock(run_dir):
+        md = write_report(run_dir)
     typer.echo(f"report: {md.with_name('report.html')} (and {md.name})")
+
+
+@app.command()
+def verify(run_dir: Annotated[Path, typer.Argument(help="a run's output directory", metavar="RUN_DIR")]):
+    """Check every artifact of a run: files against their checksums, keys against their inputs."""
+    from lmfuse.stages import verify_run
+
+    checks = verify_run(run_dir)
+    for c in checks:
+        typer.echo(c.line())
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        typer.echo(f"{run_dir}: {len(bad)} of {len(checks)} artifact(s) need rebuilding "
+                   "(`lmfuse run CONFIG` rebuilds damaged and stale ones)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{run_dir}: all {len(checks)} artifact(s) intact and consistent")
 
 
 @app.command()
@@ -184,6 +210,11 @@ def main() -> None:
         app()
     except LmfuseError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # full disk, read-only or missing directory... met outside lmfuse's own writes
+        from lmfuse.artifacts import os_error
+
+        typer.echo(f"error: {os_error(e, getattr(e, 'filename', None) or '?', 'read or write a file')}", err=True)
         sys.exit(2)
 
 

@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
 from lmfuse.errors import LmfuseError
-from lmfuse.parallel import barrier, device, is_main, my_shards, rank_world
+from lmfuse.fingerprint import model_fingerprint
+from lmfuse.parallel import device, rank_world
 
 
 def id_type(vocab_size: int) -> pa.DataType:
@@ -301,13 +302,16 @@ def encode_blocks(tok, texts: list[str]) -> list[dict]:
 
 
 def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
-    from lmfuse import prepare
+    """The `extract/<model>` artifact; its hash covers the model entry, the contents of the
+    model's weight, config and tokenizer files (new weights at the same path rerun it), and the
+    extract options; its input is `prepare`."""
+    from lmfuse.stages import input_keys
 
     spec = cfg.model(model_name)
-    h = hash_obj(["extract", spec.model_dump(exclude={"name"}), cfg.extract.model_dump()])
+    h = hash_obj(["extract", spec.model_dump(exclude={"name"}), model_fingerprint(spec), cfg.extract.model_dump()])
     # zstd: extract shards are the largest artifact (per-token distributions); docs/extract.md.
     return ArtifactDir(cfg.run_dir / "extract" / model_name, "extract", h,
-                       {"prepare": prepare.artifact(cfg).key}, overwrite, compression="zstd")
+                       input_keys(cfg, f"extract/{model_name}"), overwrite, compression="zstd")
 
 
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
@@ -445,26 +449,24 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
 
     from lmfuse import prepare
     from lmfuse.models import load_model, load_tokenizer, tokenizer_fingerprint
+    from lmfuse.stages import run_stage
 
     art = artifact(cfg, model_name, overwrite)
     if art.is_complete():
         return read_manifest(art.path)
     blocks = prepare.artifact(cfg).load()
-    if is_main():
-        art.begin()
-    barrier()
     spec = cfg.model(model_name)
     opts = cfg.extract
     k, S = opts.top_k, opts.shard_size
     sampled = opts.distribution == "sampled"
     n_shards = math.ceil(len(blocks) / S)
+    t0, n_tok = time.time(), 0
 
     def done(i: int) -> bool:
         return art.shard_done(i) and _stats_path(art, i).exists()
 
-    todo = [i for i in my_shards(n_shards) if not done(i)]
-    t0, n_tok = time.time(), 0
-    if todo:
+    def write(todo: list[int]) -> None:
+        nonlocal n_tok
         tok = load_tokenizer(spec)
         dev = device()
         model = load_model(spec, device=dev)
@@ -488,45 +490,44 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
             art.write_shard(i, table)
             bar.update(len(rows["block_id"]))
         bar.close()
-        del model
-    barrier()
-    if not is_main():
-        return {}
-    missing = [i for i in range(n_shards) if not done(i)]
-    if missing:
-        raise LmfuseError(f"shards {missing[:5]} of extract/{model_name} are missing after the run",
-                          where=str(art.path), fix="rerun the same command: it resumes")
-    total: dict = {}
-    domains: dict[str, dict] = {}
-    nll_sum, scored_bytes = 0.0, 0
-    for i in range(n_shards):
-        st = read_json(_stats_path(art, i)) or {}
-        _add_stats(total, st)
-        nll_sum += st.get("nll_sum", 0.0)
-        scored_bytes += st.get("scored_bytes", 0)
-        for d, dst in st.get("domains", {}).items():
-            _add_stats(domains.setdefault(d, {}), dst)
-    tok = load_tokenizer(spec)
-    n_tokens = int(total.get("positions", 0))
-    size = sum(p.stat().st_size for p in art.shard_paths())
-    elapsed = time.time() - t0
-    form = {"samples": opts.samples, "seed": opts.seed} if sampled else {"top_k": k}
-    summary = summarize_stats(total)
-    manifest = art.finish(
-        model=model_name, model_path=spec.path, dtype=spec.dtype, distribution=opts.distribution, **form,
-        max_entries=int(total.get("max_entries", 0)), shard_size=S, n_shards=n_shards,
-        n_blocks=len(blocks), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
-        tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
-        tokens_per_second=round(n_tok / elapsed, 1) if n_tok else None,
-        mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
-        mass_kept=summary["mass_kept"], gold_in_stored_fraction=summary["gold_in_stored_fraction"],
-        entries_per_position=summary["entries_per_position"],
-        diagnostics_per_domain={d: summarize_stats(st) for d, st in sorted(domains.items())},
-    )
+
+    def summary() -> dict:
+        total: dict = {}
+        domains: dict[str, dict] = {}
+        nll_sum, scored_bytes = 0.0, 0
+        for i in range(n_shards):
+            st = read_json(_stats_path(art, i)) or {}
+            _add_stats(total, st)
+            nll_sum += st.get("nll_sum", 0.0)
+            scored_bytes += st.get("scored_bytes", 0)
+            for d, dst in st.get("domains", {}).items():
+                _add_stats(domains.setdefault(d, {}), dst)
+        tok = load_tokenizer(spec)
+        n_tokens = int(total.get("positions", 0))
+        size = sum(p.stat().st_size for p in art.shard_paths())
+        elapsed = time.time() - t0
+        form = {"samples": opts.samples, "seed": opts.seed} if sampled else {"top_k": k}
+        return dict(
+            model=model_name, model_path=spec.path, dtype=spec.dtype, distribution=opts.distribution, **form,
+            max_entries=int(total.get("max_entries", 0)), shard_size=S, n_shards=n_shards,
+            n_blocks=len(blocks), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
+            tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
+            tokens_per_second=round(n_tok / elapsed, 1) if n_tok else None,
+            mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
+            mass_kept=summarize_stats(total)["mass_kept"],
+            gold_in_stored_fraction=summarize_stats(total)["gold_in_stored_fraction"],
+            entries_per_position=summarize_stats(total)["entries_per_position"],
+            diagnostics_per_domain={d: summarize_stats(st) for d, st in sorted(domains.items())},
+        )
+
+    manifest = run_stage(cfg, f"extract/{model_name}", art, n_shards, write, summary, done=done, log=log)
+    if not manifest:
+        return manifest
     what = f"{opts.samples} draws" if sampled else f"top-{k}"
-    log(f"extract {model_name} ({what}): {len(blocks)} blocks, {n_tokens} tokens, {manifest['bytes_per_token']} "
-        f"bytes/token, {summary['entries_per_position']} entries/position keeping {summary['mass_kept']:.1%} of the "
-        f"probability mass, gold token stored at {summary['gold_in_stored_fraction']:.1%} of positions -> {art.path}")
+    log(f"extract {model_name} ({what}): {len(blocks)} blocks, {manifest['n_tokens']} tokens, "
+        f"{manifest['bytes_per_token']} bytes/token, {manifest['entries_per_position']} entries/position keeping "
+        f"{manifest['mass_kept']:.1%} of the probability mass, gold token stored at "
+        f"{manifest['gold_in_stored_fraction']:.1%} of positions -> {art.path}")
     log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
         {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
          for d, s in manifest["diagnostics_per_domain"].items()}))

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lmfuse.artifacts import ArtifactDir, file_hash, hash_obj, read_manifest
+from lmfuse.artifacts import ArtifactDir, file_hash, hash_obj
 from lmfuse.errors import LmfuseError
+from lmfuse.fingerprint import model_fingerprint
 
 ROWS_PER_SHARD = 50_000
 
@@ -249,9 +250,11 @@ def split_train_validation(doc_domains: list[str], doc_blocks: list[int], fracti
 
 # -- the stage --------------------------------------------------------------------------------
 def artifact(cfg, overwrite: bool = False) -> ArtifactDir:
+    """The `prepare` artifact; its hash covers the corpus's contents, the options and the contents
+    of every model's tokenizer files (blocks must fit each tokenizer)."""
     corpus = Path(cfg.corpus.path)
     data = corpus_fingerprint(corpus)
-    tokenizers = [[m.path, m.revision] for m in cfg.models]
+    tokenizers = [[m.path, m.revision, model_fingerprint(m, tokenizer_only=True)] for m in cfg.models]
     h = hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path"}), cfg.prepare.model_dump(), data, tokenizers])
     return ArtifactDir(cfg.run_dir / "prepare", "prepare", h, {}, overwrite)
 
@@ -303,14 +306,8 @@ def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
     return pa.table(rows, schema=schema)
 
 
-def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
-    """Read the corpus, cut blocks for every model's tokenizer, split, and write the artifact."""
-    from lmfuse.models import load_tokenizer
-
-    art = artifact(cfg, overwrite)
-    if art.is_complete():
-        return read_manifest(art.path)
-    art.begin()
+def read_documents(cfg) -> list[dict]:
+    """The corpus's documents, `corpus.max_docs_per_domain` applied."""
     docs = read_corpus(cfg.corpus.path, cfg.corpus.text_field, cfg.corpus.domain_field, cfg.corpus.split_field)
     if cfg.corpus.max_docs_per_domain:
         seen: dict[str, int] = {}
@@ -320,28 +317,69 @@ def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
             if seen[d["domain"]] <= cfg.corpus.max_docs_per_domain:
                 kept.append(d)
         docs = kept
-    tokenizers = [load_tokenizer(m) for m in cfg.models]
-    table = make_blocks(docs, tokenizers, cfg.prepare)
-    if table.num_rows == 0:
-        raise LmfuseError("the corpus gave no blocks (every block was shorter than prepare.min_block_chars)",
-                          where=cfg.corpus.path, fix="lower prepare.min_block_chars or add text")
+    return docs
+
+
+def split_stats(table: pa.Table) -> dict[str, dict[str, int]]:
+    """{domain: {"train": blocks, "validation": blocks}}."""
     stats: dict[str, dict[str, int]] = {}
     for dom, split in zip(table["domain"].to_pylist(), table["split"].to_pylist()):
         stats.setdefault(dom, {"train": 0, "validation": 0})[split] += 1
-    short = [d for d, s in sorted(stats.items()) if s["validation"] < cfg.prepare.min_validation_blocks]
-    if short:
-        raise LmfuseError(
-            f"domain(s) {', '.join(short)} would have fewer than {cfg.prepare.min_validation_blocks} validation "
-            f"block(s) ({', '.join(f'{d}: {stats[d]}' for d in short)}), so they could not be evaluated",
-            where=str(cfg.corpus.path),
-            fix="add text to those domains, lower prepare.block_size, or set prepare.min_validation_blocks: 0")
-    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_SHARD)):
-        art.write_shard(i, table.slice(start, ROWS_PER_SHARD))
-    manifest = art.finish(n_blocks=table.num_rows, n_docs=len(docs), blocks_per_domain=stats,
-                          block_size=cfg.prepare.block_size, corpus=str(cfg.corpus.path))
-    log(f"prepare: {table.num_rows} blocks from {len(docs)} documents -> {art.path}")
-    for dom, s in sorted(stats.items()):
-        log(f"  {dom:>16}: {s['train']} train, {s['validation']} validation")
+    return stats
+
+
+def check_validation(stats: dict[str, dict[str, int]], min_blocks: int, where: str) -> None:
+    """Refuse a domain with fewer validation blocks than asked: eval could not score it.
+
+    A domain of a single block cannot give one (a block is never split between train and
+    validation, and one block always stays for training), so the advice is what makes more
+    blocks or chooses the split, never `min_validation_blocks: 0` (eval then fails instead).
+    """
+    short = [d for d, s in sorted(stats.items()) if s["validation"] < min_blocks]
+    if not short:
+        return
+    raise LmfuseError(
+        f"domain(s) {', '.join(short)} would have fewer than {min_blocks} validation block(s) "
+        f"({', '.join(f'{d}: {stats[d]}' for d in short)}), so they could not be evaluated",
+        where=where,
+        fix="add documents or text to those domains (a domain needs 2 blocks or more: one to train on, one to "
+            "hold out), lower prepare.block_size so that their text makes more blocks, or choose each "
+            "document's split yourself with corpus.split_field (a domain may then be held out whole)")
+
+
+def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
+    """Read the corpus, cut blocks for every model's tokenizer, split, and write the artifact."""
+    from lmfuse.models import load_tokenizer
+    from lmfuse.stages import run_stage
+
+    art = artifact(cfg, overwrite)
+    made: dict = {}
+
+    def n_shards() -> int:
+        # One pass makes every block; the shards are slices of it.
+        docs = read_documents(cfg)
+        table = make_blocks(docs, [load_tokenizer(m) for m in cfg.models], cfg.prepare)
+        if table.num_rows == 0:
+            raise LmfuseError("the corpus gave no blocks (every block was shorter than prepare.min_block_chars)",
+                              where=cfg.corpus.path, fix="lower prepare.min_block_chars or add text")
+        stats = split_stats(table)
+        check_validation(stats, cfg.prepare.min_validation_blocks, str(cfg.corpus.path))
+        made.update(table=table, docs=len(docs), stats=stats)
+        return -(-table.num_rows // ROWS_PER_SHARD)
+
+    def write(todo: list[int]) -> None:
+        for i in todo:
+            art.write_shard(i, made["table"].slice(i * ROWS_PER_SHARD, ROWS_PER_SHARD))
+
+    def summary() -> dict:
+        return dict(n_blocks=made["table"].num_rows, n_docs=made["docs"], blocks_per_domain=made["stats"],
+                    block_size=cfg.prepare.block_size, corpus=str(cfg.corpus.path))
+
+    manifest = run_stage(cfg, "prepare", art, n_shards, write, summary, log=log)
+    if made:
+        log(f"prepare: {made['table'].num_rows} blocks from {made['docs']} documents -> {art.path}")
+        for dom, s in sorted(made["stats"].items()):
+            log(f"  {dom:>16}: {s['train']} train, {s['validation']} validation")
     return manifest
 
 

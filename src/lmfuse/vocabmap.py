@@ -248,9 +248,13 @@ def coverage(how: np.ndarray) -> dict[str, float]:
 
 # -- the stage -----------------------------------------------------------------------------------
 def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
-    """The `vocab_map/<source>` artifact; its hash covers both tokenizers and the method."""
+    """The `vocab_map/<source>` artifact; its hash covers both tokenizers (their files' contents)
+    and the method."""
+    from lmfuse.fingerprint import model_fingerprint
+
     src, tgt = cfg.model(source_name), cfg.target
-    h = hash_obj(["vocab_map", [src.path, src.revision], [tgt.path, tgt.revision],
+    h = hash_obj(["vocab_map", [src.path, src.revision, model_fingerprint(src, tokenizer_only=True)],
+                  [tgt.path, tgt.revision, model_fingerprint(tgt, tokenizer_only=True)],
                   cfg.vocab_map.model_dump(exclude={"workers"})])
     return ArtifactDir(cfg.run_dir / "vocab_map" / source_name, "vocab_map", h, {}, overwrite)
 
@@ -258,31 +262,41 @@ def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
 def run_vocab_map(cfg, source_name: str, overwrite: bool = False, log=print) -> dict:
     """Build and store the map of one source's vocabulary into the target's."""
     from lmfuse.models import load_tokenizer
-    from lmfuse.parallel import barrier, is_main
+    from lmfuse.parallel import barrier
+    from lmfuse.stages import run_stage
 
     art = artifact(cfg, source_name, overwrite)
     if art.is_complete():
         return read_manifest(art.path)
-    if is_main():
-        art.begin()
+    made: dict = {}
+
+    def write(todo: list[int]) -> None:  # one "shard": map.npz
         src_tok, tgt_tok = load_tokenizer(cfg.model(source_name)), load_tokenizer(cfg.target)
         t0 = time.time()
         tgt_id, how = map_vocab(src_tok, tgt_tok, cfg.vocab_map.method, cfg.vocab_map.workers)
-        seconds = time.time() - t0
+        made.update(seconds=time.time() - t0)
         buf = io.BytesIO()
         np.savez(buf, tgt_id=tgt_id, how=how)
         atomic_write_bytes(art.path / "map.npz", buf.getvalue())
-        cov = coverage(how)
-        art.finish(
+
+    def summary() -> dict:
+        src_tok, tgt_tok = load_tokenizer(cfg.model(source_name)), load_tokenizer(cfg.target)
+        with np.load(art.path / "map.npz") as z:
+            how = z["how"]
+        return dict(
             source=source_name, target=cfg.target.name, method=cfg.vocab_map.method,
             source_fingerprint=token_table(src_tok).fingerprint, target_fingerprint=token_table(tgt_tok).fingerprint,
-            source_vocab_size=len(src_tok), target_vocab_size=len(tgt_tok), coverage=cov,
-            map_seconds=round(seconds, 3),
+            source_vocab_size=len(src_tok), target_vocab_size=len(tgt_tok), coverage=coverage(how),
+            map_seconds=round(made.get("seconds", 0.0), 3),
         )
+
+    manifest = run_stage(cfg, f"vocab_map/{source_name}", art, 1, write, summary,
+                         done=lambda i: (art.path / "map.npz").exists(), log=log)
+    if manifest:
         log(f"vocab-map {source_name} -> {cfg.target.name} ({cfg.vocab_map.method}): "
-            + ", ".join(f"{k} {v:.1%}" for k, v in cov.items() if v) + f" -> {art.path}")
-    barrier()
-    return read_manifest(art.path) or {}
+            + ", ".join(f"{k} {v:.1%}" for k, v in manifest["coverage"].items() if v) + f" -> {art.path}")
+    barrier()  # the other ranks return the manifest rank 0 wrote
+    return manifest or read_manifest(art.path) or {}
 
 
 def check_fingerprints(manifest: dict, source_fingerprint: str, target_fingerprint: str, where: str) -> None:
