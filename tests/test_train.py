@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +18,8 @@ from lmfuse.config import FuseConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.fusion import FusionOptions
 from lmfuse.testing import TRAIN_TEXT, make_tiny_model
-from lmfuse.train import BlockData, FusedCollator, artifact, data_order, run_train
+from lmfuse.train import artifact, run_train
+from lmfuse.traindata import BlockData, FusedCollator, data_order
 
 K = 4
 
@@ -42,7 +45,7 @@ def _topk(rng, gold, V, k, p_gold):
     return ids.astype(np.int32), lp.astype(np.float16)
 
 
-def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, target_name="tgt"):
+def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, target_name="tgt", validation=True):
     """prepare/, extract/<target>/ and align/<source>/ in the ARCHITECTURE.md column formats."""
     from transformers import AutoTokenizer
 
@@ -54,7 +57,8 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
     prep.begin()
     prep.write_shard(0, pa.table({
         "block_id": pa.array(range(n_blocks), pa.int64()), "doc_id": pa.array(range(n_blocks), pa.int64()),
-        "domain": ["d"] * n_blocks, "split": ["validation" if i % 4 == 3 else "train" for i in range(n_blocks)],
+        "domain": ["d"] * n_blocks,
+        "split": ["validation" if validation and i % 4 == 3 else "train" for i in range(n_blocks)],
         "text": texts}))
     prep.finish(rows=n_blocks)
     enc = [tok(t, return_offsets_mapping=True) for t in texts]
@@ -191,14 +195,7 @@ def test_rest_and_span_train_end_to_end(tmp_path, target_dir):
 
 
 def test_training_without_validation_blocks_finishes(tmp_path, target_dir):
-    run = write_synthetic_run(tmp_path / "run", target_dir)
-    # Every block becomes a training block.
-    from lmfuse.artifacts import ArtifactDir
-
-    prep = ArtifactDir(run / "prepare", "prepare", "p0")
-    table = prep.load().data.table
-    prep.write_shard(0, table.set_column(table.schema.get_field_index("split"), "split",
-                                         pa.array(["train"] * table.num_rows)))
+    run = write_synthetic_run(tmp_path / "run", target_dir, validation=False)  # every block trains
     man = run_train(make_cfg(run, target_dir, max_steps=2, eval_every=1, keep_best=True), control=True)
     assert man["metrics"]["final_eval_loss"] is None and man["metrics"]["validation_blocks"] == 0
     assert not [r for r in _log(run / "train" / "clm") if "eval_loss" in r]
@@ -207,7 +204,7 @@ def test_training_without_validation_blocks_finishes(tmp_path, target_dir):
 def test_keep_best_saves_the_lowest_validation_loss_weights(tmp_path, target_dir):
     from transformers import AutoModelForCausalLM
 
-    from lmfuse.train import _best_so_far
+    from lmfuse.checkpoint import best_so_far
 
     run = write_synthetic_run(tmp_path / "run", target_dir)
     # A large learning rate: validation loss falls, then rises, so the best step is not the last.
@@ -223,8 +220,8 @@ def test_keep_best_saves_the_lowest_validation_loss_weights(tmp_path, target_dir
     same = all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), final.state_dict().values()))
     assert same == (best_step == 8)
     # Resuming from a checkpoint older than the kept best discards it (those steps run again).
-    assert _best_so_far(out, resumed_step=best_step) == pytest.approx(evals[best_step])
-    assert _best_so_far(out, resumed_step=best_step - 1) == float("inf") and not (out / "best").exists()
+    assert best_so_far(out, resumed_step=best_step) == pytest.approx(evals[best_step])
+    assert best_so_far(out, resumed_step=best_step - 1) == float("inf") and not (out / "best").exists()
 
 
 def test_end_to_end_loss_decreases_and_model_loads(tmp_path, target_dir):
@@ -296,7 +293,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, target_dir):
     assert not (other / "train" / "fused").exists()
 
 
-def _script(tmp_path, run, target_dir, crash_after_checkpoint=None, **train):
+def _script(tmp_path, run, target_dir, crash_after_checkpoint=None, die_in_cleanup=False, **train):
     cfg = make_cfg(run, target_dir, **train)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     script = tmp_path / "train_script.py"
@@ -305,12 +302,23 @@ def _script(tmp_path, run, target_dir, crash_after_checkpoint=None, **train):
         import lmfuse.train
         from lmfuse.config import FuseConfig
         from lmfuse.train import run_train
-        save = lmfuse.train._save_checkpoint
+        save = lmfuse.train.save_checkpoint
         def save_then_die(acc, path, step, extra):
-            save(acc, path, step, extra)
+            out = save(acc, path, step, extra)
             if step == {crash_after_checkpoint!r}:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real SIGKILL, right after the checkpoint
-        lmfuse.train._save_checkpoint = save_then_die
+            return out
+        lmfuse.train.save_checkpoint = save_then_die
+        if {die_in_cleanup!r}:
+            import pathlib, shutil
+            rmtree = shutil.rmtree
+            def rmtree_then_die(path, *a, **k):
+                if pathlib.Path(path).name == "checkpoints":  # the final cleanup of the checkpoints:
+                    for f in pathlib.Path(path).glob("step-*/model.safetensors"):
+                        f.unlink()  # its first files are gone when the SIGKILL comes
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return rmtree(path, *a, **k)
+            shutil.rmtree = rmtree_then_die
         cfg = FuseConfig.model_validate(json.load(open({str(tmp_path / "cfg.json")!r})))
         run_train(cfg)
     """))
@@ -342,6 +350,238 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, ta
     la, lb = _log(ref_run / "train" / "fused"), _log(out)
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     assert [r.get("loss") for r in la] == pytest.approx([r.get("loss") for r in lb], abs=1e-6)
+
+
+def test_sigkill_while_removing_the_checkpoints_then_rerun_finishes(tmp_path, target_dir):
+    """Issue 9.5: killed in the final cleanup, train was stuck for good (model without manifest,
+    every rerun `FileNotFoundError … step-…/pytorch_model.bin`)."""
+    ref_run = write_synthetic_run(tmp_path / "ref", target_dir)
+    run_train(make_cfg(ref_run, target_dir, **RESUME))
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    script = _script(tmp_path, run, target_dir, die_in_cleanup=True, **RESUME)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
+    out = run / "train" / "fused"
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("checkpoints/step-*/model.safetensors"))  # the state that got stuck
+    _script(tmp_path, run, target_dir, **RESUME)  # same script, no fault
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _same_weights(_weights(ref_run / "train" / "fused"), _weights(out))
+    _same_log(_log(ref_run / "train" / "fused"), _log(out))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+RESUME = {"save_every": 3, "max_steps": 7, "grad_accum": 2}
+
+
+class Killed(BaseException):
+    """A simulated kill: nothing in lmfuse catches it, so the files stay as a kill leaves them."""
+
+
+def _same_log(a, b):
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, abs=1e-6)
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, target_dir):
+    """Weights and log of the run the killed-and-rerun ones must reproduce."""
+    run = write_synthetic_run(tmp_path_factory.mktemp("uninterrupted") / "run", target_dir)
+    run_train(make_cfg(run, target_dir, **RESUME))
+    return _weights(run / "train" / "fused"), _log(run / "train" / "fused")
+
+
+def _kill_inside_checkpoint_save(mp, out):
+    import lmfuse.checkpoint as ck
+
+    records = ck._file_records
+
+    def die(directory):  # accelerate has written the step-6 state; its list of files is next
+        if directory.name == ".tmp-step-00000006":
+            raise Killed
+        return records(directory)
+
+    mp.setattr(ck, "_file_records", die)
+
+
+def _kill_after_checkpoint_then_damage_it(mp, out):
+    import lmfuse.train as tr
+
+    save = tr.save_checkpoint
+
+    def save_then_die(acc, path, step, extra):
+        ckpt = save(acc, path, step, extra)
+        if step == 6:
+            weights = ckpt / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-100] ^= 0xFF  # one flipped byte, same size
+            weights.write_bytes(bytes(data))
+            raise Killed
+        return ckpt
+
+    mp.setattr(tr, "save_checkpoint", save_then_die)
+
+
+def _kill_writing_the_final_model(mp, out):
+    import lmfuse.checkpoint as ck
+
+    write = ck.atomic_write_json
+
+    def die(path, obj):
+        if path.name == ck.FINAL_STATE:  # weights and tokenizer written, the metrics not yet
+            raise Killed
+        return write(path, obj)
+
+    mp.setattr(ck, "atomic_write_json", die)
+
+
+def _kill_moving_the_final_model(mp, out):
+    import lmfuse.checkpoint as ck
+
+    replace, moved = os.replace, []
+
+    def die(src, dst):
+        if Path(src).parent.name == ck.FINAL_DIR:
+            if moved:
+                raise Killed  # one file moved up, the others still in .final/
+            moved.append(src)
+        return replace(src, dst)
+
+    mp.setattr(ck.os, "replace", die)
+
+
+def _kill_removing_the_checkpoints(mp, out):
+    import lmfuse.checkpoint as ck
+
+    rmtree = shutil.rmtree
+
+    def die(path, *a, **k):
+        if Path(path).name == ck.CKPT_DIR:
+            for f in Path(path).glob("step-*/model.safetensors"):
+                f.unlink()
+            raise Killed
+        return rmtree(path, *a, **k)
+
+    mp.setattr(ck.shutil, "rmtree", die)
+
+
+def _kill_before_the_manifest(mp, out):
+    def die(self, **extra):
+        raise Killed
+
+    mp.setattr(ArtifactDir, "finish", die)
+
+
+def _kill_after_the_manifest(mp, out):
+    import lmfuse.train as tr
+
+    def die(path):
+        raise Killed
+
+    mp.setattr(tr, "drop_final", die)
+
+
+@pytest.mark.parametrize("kill", [_kill_inside_checkpoint_save, _kill_after_checkpoint_then_damage_it,
+                                  _kill_writing_the_final_model, _kill_moving_the_final_model,
+                                  _kill_removing_the_checkpoints, _kill_before_the_manifest,
+                                  _kill_after_the_manifest], ids=lambda f: f.__name__.removeprefix("_kill_"))
+def test_killed_at_any_moment_a_rerun_ends_with_the_uninterrupted_weights(tmp_path, target_dir, uninterrupted,
+                                                                         monkeypatch, kill, capsys):
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, **RESUME)
+    out = run / "train" / "fused"
+    with monkeypatch.context() as mp:
+        kill(mp, out)
+        with pytest.raises(Killed):
+            run_train(cfg)
+    complete = (out / "manifest.json").exists()
+    assert complete == (kill is _kill_after_the_manifest)
+    man = run_train(cfg)
+    assert man["metrics"]["steps"] == 7 and (out / "manifest.json").exists()
+    weights, log = uninterrupted
+    _same_weights(weights, _weights(out))
+    _same_log(log, _log(out))
+    # Nothing half-written is left, and the model loads.
+    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    if kill is _kill_after_checkpoint_then_damage_it:
+        assert "skipping checkpoint step-00000006" in capsys.readouterr().out
+
+
+def test_resume_loads_no_pickled_weights_and_unpickles_nothing(tmp_path, target_dir, monkeypatch):
+    """Model weights come from safetensors; optimizer, scheduler and RNG states load with
+    `torch.load(weights_only=True)`."""
+    import lmfuse.train as tr
+
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, **RESUME)
+    save = tr.save_checkpoint
+
+    def save_then_die(acc, path, step, extra):
+        ckpt = save(acc, path, step, extra)
+        if step == 6:
+            raise Killed
+        return ckpt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tr, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run_train(cfg)
+    ckpt = run / "train" / "fused" / "checkpoints" / "step-00000006"
+    assert (ckpt / "model.safetensors").exists() and not list(ckpt.glob("pytorch_model*"))
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*a, **k):
+        loads.append(k.get("weights_only"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    run_train(cfg)
+    assert len(loads) >= 3 and all(w is True for w in loads), loads  # optimizer, scheduler, RNG
+
+
+def test_a_checkpoint_that_does_not_check_out_is_named_and_skipped(tmp_path):
+    from lmfuse.checkpoint import CKPT_STATE, checkpoint_problem, last_good_checkpoint
+
+    root = tmp_path / "checkpoints"
+    old, new = root / "step-00000003", root / "step-00000006"
+    for d, step in ((old, 3), (new, 6)):
+        d.mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            (d / name).write_bytes(name.encode() * step)
+        from lmfuse.checkpoint import _file_records
+
+        (d / CKPT_STATE).write_text(json.dumps({"step": step, "files": _file_records(d)}))
+    assert last_good_checkpoint(tmp_path, log=lambda m: None) == (new, 6)
+    (new / "optimizer.bin").write_bytes(b"optimizer.bin" * 5)  # cut short
+    assert "optimizer.bin has" in checkpoint_problem(new)
+    said = []
+    assert last_good_checkpoint(tmp_path, log=said.append) == (old, 3)
+    assert said and "step-00000006" in said[0]
+    (old / "scheduler.bin").write_bytes(b"x" * len(b"scheduler.bin" * 3))  # same size, other bytes
+    assert "does not match" in checkpoint_problem(old)
+    assert last_good_checkpoint(tmp_path, log=lambda m: None) is None
+    (old / CKPT_STATE).write_text('{"step": 3, "fi')  # cut by a kill
+    assert checkpoint_problem(old).startswith("unreadable trainer_state.json")
+    # A checkpoint from before files were listed: accelerate's files must all be there.
+    (new / CKPT_STATE).write_text(json.dumps({"step": 6}))
+    (new / "model.safetensors").unlink()
+    assert checkpoint_problem(new) == "missing model.safetensors"
+    (new / "model.safetensors").write_bytes(b"w")
+    assert checkpoint_problem(new) is None
+    assert checkpoint_problem(new, world=2) == "missing random_states_1.pkl"
 
 
 @pytest.mark.slow
