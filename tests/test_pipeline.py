@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from lmfuse.config import load_config
 from lmfuse.pipeline import run_pipeline
 
@@ -146,3 +148,146 @@ def test_eval_on_another_corpus_scores_all_its_blocks(make_config, tmp_path):
     assert {"tgt", "src_spm", "src_wp", "fused"} <= set(doc["models"])
     # The run's own held-out results are not where these went.
     assert not (cfg.run_dir / "eval" / "results.json").exists()
+
+
+def _changed(outcome: dict) -> set[str]:
+    return {k for k, v in outcome.items() if v != "skipped"}
+
+
+def test_each_upstream_change_reruns_exactly_the_stages_below_it(make_config, tiny_models, tiny_corpus, tmp_path):
+    """Corpus, extract option, new weights at a model's path, vocab-map method: each reruns its
+    stages and everything below them, nothing else (prepare option, align method and fusion
+    option: the test above)."""
+    import shutil
+
+    from lmfuse.testing import build_model
+
+    spm = tmp_path / "spm_copy"
+    shutil.copytree(tiny_models["spm"], spm)
+    over = {"train.max_steps": 1, "sources": [
+        {"name": "src_spm", "path": str(spm), "dtype": "float32"},
+        {"name": "src_wp", "path": str(tiny_models["wordpiece"]), "dtype": "float32"}]}
+
+    def run(extra: dict, name: str) -> set[str]:
+        cfg = load_config(make_config({**over, **extra}, name=name))
+        return _changed(run_pipeline(cfg, log=lambda *a: None, report=False))
+
+    every = {"prepare", "extract/tgt", "extract/src_spm", "extract/src_wp", "vocab_map/src_spm", "vocab_map/src_wp",
+             "align/src_spm", "align/src_wp", "train/fused", "train/clm"}
+    assert run({}, "a.yaml") == every
+
+    # New weights saved over a source's weights, same path and config: only what reads them.
+    model = build_model("spm", json.loads((spm / "config.json").read_text())["vocab_size"], seed=7)
+    model.save_pretrained(tmp_path / "new_weights", safe_serialization=True)
+    shutil.copyfile(tmp_path / "new_weights" / "model.safetensors", spm / "model.safetensors")
+    assert run({}, "a.yaml") == {"extract/src_spm", "align/src_spm", "train/fused"}
+
+    # An extract option: every extraction and everything below; the blocks and vocab maps stay.
+    assert run({"extract.top_k": 4}, "b.yaml") == every - {"prepare", "vocab_map/src_spm", "vocab_map/src_wp"}
+
+    # The vocab-map method: the maps, the alignments and the fused training; not the control.
+    assert run({"extract.top_k": 4, "vocab_map.method": "exact"}, "c.yaml") == {
+        "vocab_map/src_spm", "vocab_map/src_wp", "align/src_spm", "align/src_wp", "train/fused"}
+
+    # The corpus's contents (same path): everything but the vocab maps (they read no text).
+    with tiny_corpus.open("a") as f:
+        f.write(json.dumps({"domain": "prose", "text": "One more document about foxes and dogs. " * 4}) + "\n")
+    assert run({"extract.top_k": 4, "vocab_map.method": "exact"}, "c.yaml") == \
+        every - {"vocab_map/src_spm", "vocab_map/src_wp"}
+
+
+def test_damaged_shards_are_repaired_by_run_and_by_overwrite_never_used(make_config):
+    from lmfuse.align import run_align
+    from lmfuse.errors import LmfuseError
+    from lmfuse.extract import run_extract
+
+    cfg = load_config(make_config({"train.max_steps": 1, "train.control": False}))
+    quiet = {"log": lambda *a: None}
+    run_pipeline(cfg, report=False, **quiet)
+    shard = cfg.run_dir / "extract" / "tgt" / "shards" / "shard-00001.arrow"
+    good = shard.read_bytes()
+
+    # Truncated: `run` sees it (sizes are checked on every read) and rebuilds that shard only.
+    shard.write_bytes(good[: len(good) // 2])
+    lines: list[str] = []
+    outcome = run_pipeline(cfg, report=False, log=lines.append)
+    assert outcome["extract/tgt"] == "repaired" and "[repair] extract/tgt" in "\n".join(lines)
+    assert shard.read_bytes() == good
+    assert {k for k, v in outcome.items() if v != "skipped"} == {"extract/tgt"}  # same bytes, same key
+
+    # A flipped byte (same size): the stage that starts on it refuses it, naming file and fix...
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LmfuseError) as e:
+        run_align(cfg, "src_spm", overwrite=True, **quiet)
+    assert "extract/tgt" in str(e.value) and "shard-00001.arrow" in str(e.value)
+    assert "lmfuse extract CONFIG --model tgt --overwrite" in str(e.value)
+    # ... and `extract --overwrite` rebuilds the complete-but-damaged artifact.
+    run_extract(cfg, "tgt", overwrite=True, progress=False, **quiet)
+    assert shard.read_bytes() == good
+    assert run_align(cfg, "src_spm", **quiet)["n_shards"] >= 2
+
+
+def test_an_out_of_range_token_id_is_an_error_not_a_crash(make_config, tiny_models):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from lmfuse.align import run_align
+    from lmfuse.artifacts import write_arrow
+    from lmfuse.errors import LmfuseError
+    from lmfuse.extract import run_extract
+    from lmfuse.prepare import run_prepare
+    from lmfuse.vocabmap import run_vocab_map
+
+    cfg = load_config(make_config({"sources": [{"name": "src_wp", "path": str(tiny_models["wordpiece"]),
+                                                "dtype": "float32"}]}))
+    quiet = {"log": lambda *a: None}
+    run_prepare(cfg, **quiet)
+    for m in ("tgt", "src_wp"):
+        run_extract(cfg, m, progress=False, **quiet)
+    run_vocab_map(cfg, "src_wp", **quiet)
+    art = cfg.run_dir / "extract" / "src_wp"
+    path = art / "shards" / "shard-00000.arrow"
+    with pa.memory_map(str(path)) as src:
+        table = ipc.open_stream(src).read_all()
+    ids = table.column("input_ids").to_pylist()
+    ids[0][1] = 10**6
+    table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids",
+                             pa.array(ids, pa.list_(pa.int32())))
+    write_arrow(path, table, "zstd")
+    manifest = json.loads((art / "manifest.json").read_text())
+    del manifest["files"]  # as an older lmfuse wrote it: no checksum catches the edit
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmfuseError, match="token id 1000000 is outside the vocabulary of src_wp") as e:
+        run_align(cfg, "src_wp", **quiet)
+    assert "lmfuse extract CONFIG --model src_wp --overwrite" in str(e.value)
+
+
+def test_cli_errors_on_the_run_directory_exit_2_without_a_traceback(make_config, tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    cfg_path = make_config({"output_dir": str(blocker / "run")}, name="file.yaml")
+    res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "prepare", str(cfg_path)], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: cannot create the run directory" in res.stderr and "output_dir" in res.stderr
+
+    # A second writer on one run directory: refused at once, the holder named.
+    cfg_path = make_config(name="ok.yaml")
+    run_dir = load_config(cfg_path).run_dir
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from lmfuse.lock import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n print('locked', flush=True); sys.stdin.readline()",
+                               str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = subprocess.run([sys.executable, "-m", "lmfuse.cli", "prepare", str(cfg_path)], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and f"pid {holder.pid}" in res.stderr and "Traceback" not in res.stderr
+        assert not (run_dir / "prepare").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
