@@ -46,6 +46,28 @@ def test_cli_validate_prints_every_problem(make_config):
         assert needle in res.stderr, res.stderr
 
 
+def test_a_mistyped_relative_model_path_is_refused_not_sent_to_the_hub(make_config, tiny_models, tmp_path):
+    """Issue 9.8: `path: models/spmm` (a typo of a local folder) passed validate and run tried the Hub."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "spm").symlink_to(tiny_models["spm"])
+    ok = make_config({"sources": [{"name": "s", "path": "models/spm"}]})
+    assert validate_config(ok) == []
+    assert load_config(ok).sources[0].path == str(tmp_path / "models" / "spm")  # relative to the config file
+    problems = validate_config(make_config({"sources": [{"name": "s", "path": "models/spmm"}]}, name="typo.yaml"))
+    assert len(problems) == 1 and problems[0].startswith("sources[0].path: 'models/spmm' does not exist")
+    assert str(tmp_path / "models" / "spmm") in problems[0] and "hub:models/spmm" in problems[0]
+    with pytest.raises(LmfuseError, match="models/spmm"):
+        load_config(tmp_path / "typo.yaml")
+    # A hub id says so; it is kept as written (nothing here reaches the Hub).
+    hub = make_config({"sources": [{"name": "s", "path": "hub:HuggingFaceTB/SmolLM2-135M"}]}, name="hub.yaml")
+    assert validate_config(hub) == []
+    assert load_config(hub).sources[0].path == "hub:HuggingFaceTB/SmolLM2-135M"
+    # The same check when other fields fail type validation.
+    problems = validate_config(make_config({"train.clm_weight": "x", "sources": [{"name": "s", "path": "models/spmm"}]},
+                                           name="both.yaml"))
+    assert any(p.startswith("sources[0].path: 'models/spmm' does not exist") for p in problems)
+
+
 def test_zero_sources_and_duplicate_names(make_config):
     problems = validate_config(make_config({"sources": []}))
     assert any(p.startswith("sources:") for p in problems)

@@ -12,7 +12,25 @@ def test_path_problems(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     assert "not a .gguf" in model_path_problem(ModelSpec(name="a", path=str(tmp_path / "w.bin")))
     assert "unknown pullable" in model_path_problem(ModelSpec(name="a", path="pull:gpt-17"))
-    assert model_path_problem(ModelSpec(name="a", path="org/model")) is None
+    # A hub id is written hub:ORG/NAME; a plain ORG/NAME is a local path, and a missing one is an error
+    # that says how to name the Hub model (issue 9.8: a typo'd path went to the Hub).
+    assert model_path_problem(ModelSpec(name="a", path="hub:org/model")) is None
+    assert "hub:ORG/NAME" in model_path_problem(ModelSpec(name="a", path="hub:not a repo"))
+    problem = model_path_problem(ModelSpec(name="a", path="models/spmm"), base=tmp_path)
+    assert "'models/spmm' does not exist" in problem and str(tmp_path / "models" / "spmm") in problem
+    assert "hub:models/spmm" in problem
+    assert "a Hugging Face Hub model is written" not in model_path_problem(ModelSpec(name="a", path="./models/spmm"))
+
+
+def test_a_relative_path_is_local_and_a_hub_id_is_passed_on(tiny_models, tmp_path):
+    from lmfuse.models import resolve_model
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "spm").symlink_to(tiny_models["spm"])
+    assert model_path_problem(ModelSpec(name="a", path="models/spm"), base=tmp_path) is None
+    assert resolve_model(ModelSpec(name="a", path="hub:HuggingFaceTB/SmolLM2-135M")) == "HuggingFaceTB/SmolLM2-135M"
+    with pytest.raises(LmfuseError, match="does not exist"):
+        resolve_model(ModelSpec(name="a", path="HuggingFaceTB/SmolLM2-135M"))  # not sent to the Hub
 
 
 def test_pickled_weights_are_refused(tiny_models, tmp_path):

@@ -22,10 +22,12 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """One model: a local HF directory, a `.gguf` file, a pulled name, or a hub id."""
+    """One model: a local HF directory or `.gguf` file (relative to the config file), `pull:NAME`, or
+    `hub:ORG/NAME` (a Hugging Face Hub id). A path without a prefix is always local."""
 
     name: str = Field(pattern=NAME_PATTERN, description="unique name used for artifact folders")
-    path: str = Field(description="HF model dir, .gguf file, `pull:NAME` (see `lmfuse models list`), or hub id")
+    path: str = Field(description="local HF model dir or .gguf file, `pull:NAME` (see `lmfuse models list`), or "
+                                  "`hub:ORG/NAME` (a Hugging Face Hub id)")
     dtype: Dtype = "bfloat16"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -223,6 +225,7 @@ def _plugin_problems(data: dict) -> list[str]:
 
 
 def _path_problems(cfg: FuseConfig, base: Path) -> list[str]:
+    """Paths that do not exist, in a config as written (relative paths not yet rebased)."""
     from lmfuse.models import model_path_problem
 
     problems = []
@@ -231,7 +234,7 @@ def _path_problems(cfg: FuseConfig, base: Path) -> list[str]:
         problems.append(f"corpus.path: {cfg.corpus.path!r} does not exist")
     for i, m in enumerate(cfg.models):
         loc = "target" if i == 0 else f"sources[{i - 1}]"
-        p = model_path_problem(m)
+        p = model_path_problem(m, base)
         if p:
             problems.append(f"{loc}.path: {p}")
     return problems
@@ -251,19 +254,17 @@ def _raw_path_problems(data: dict, base: Path) -> list[str]:
         entries += [(f"sources[{i}]", m) for i, m in enumerate(data["sources"])]
     for loc, m in entries:
         if isinstance(m, dict) and isinstance(m.get("path"), str) and isinstance(m.get("name"), str):
-            spec = ModelSpec.model_construct(**{**m, "path": _rebase_path(m["path"], base)})
-            problem = model_path_problem(spec)
+            problem = model_path_problem(ModelSpec.model_construct(**m), base)
             if problem:
                 problems.append(f"{loc}.path: {problem}")
     return problems
 
 
 def _rebase_path(p: str, base: Path) -> str:
-    q = Path(p).expanduser()
-    if q.is_absolute():
-        return str(q)
-    local = base / q
-    return str(local) if (local.exists() or p.startswith(".")) else p
+    """A model path as the stages use it: prefixed names as they are, local paths absolute."""
+    from lmfuse.models import HUB_PREFIX, PULL_PREFIX
+
+    return p if p.startswith((PULL_PREFIX, HUB_PREFIX)) else str(_resolve(p, base))
 
 
 def _resolve(p: str, base: Path) -> Path:
@@ -287,10 +288,9 @@ def parse_config(data: dict, base: Path | None = None) -> tuple[FuseConfig | Non
         cfg = FuseConfig.model_validate(data)
     except ValidationError as e:
         return None, _format_pydantic(e) + _plugin_problems(data) + _raw_path_problems(data, base)
-    # Paths in the config are relative to the config file's folder.
-    cfg = _rebase(cfg, base)
     problems = _plugin_problems(data) + _path_problems(cfg, base)
-    return cfg, problems
+    # Paths in the config are relative to the config file's folder.
+    return _rebase(cfg, base), problems
 
 
 def _rebase(cfg: FuseConfig, base: Path) -> FuseConfig:

