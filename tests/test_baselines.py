@@ -110,7 +110,7 @@ def test_config_driven_baselines(tiny, tmp_path):
                                 {"models": ["b"], "method": "task_arithmetic", "base": "a", "weights": [0.5]}]},
     })
     outs = baselines.build_merges(cfg)
-    assert [p.name for p in outs] == ["merge-a-b", "ta-a-b"]
+    assert [p.name for p in outs] == ["merge-a-b", "ta-a-b"] and outs[0].parent == tmp_path / "run" / "merge"
     mtime = (outs[0] / "model.safetensors").stat().st_mtime_ns
     baselines.build_merges(cfg)  # current: not rebuilt
     assert (outs[0] / "model.safetensors").stat().st_mtime_ns == mtime
@@ -120,6 +120,58 @@ def test_config_driven_baselines(tiny, tmp_path):
     bad = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"merge": [{"models": ["a", "s"]}]})})
     with pytest.raises(LmfuseError, match="cannot merge"):
         baselines.build_merges(bad)
+
+
+def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lmfuse.artifacts import read_manifest
+
+    b_dir = tmp_path / "b"
+    shutil.copytree(tiny["b"], b_dir)
+
+    def cfg_with(weights):
+        return FuseConfig.model_validate({
+            "output_dir": str(tmp_path / "run"), "corpus": {"path": "x.jsonl"},
+            "target": {"name": "a", "path": str(tiny["a"])}, "sources": [{"name": "b", "path": str(b_dir)}],
+            "baselines": {"merge": [{"models": ["a", "b"], "weights": weights}]}})
+
+    cfg = cfg_with([1.0, 1.0])
+    [out] = baselines.build_merges(cfg, log=lambda m: None)
+    assert out == tmp_path / "run" / "merge" / "merge-a-b"
+    man = read_manifest(out)
+    assert man["stage"] == "merge" and "model.safetensors" in man["files"]
+    assert set(man["inputs"]) == {"model/a", "model/b"}
+    assert [m.spec.path for m in baselines.eval_models(cfg)] == [str(out)]
+    assert not list(out.glob("*stamp*"))
+
+    def built():
+        return (out / "model.safetensors").stat().st_mtime_ns, read_manifest(out)["created"]
+
+    first = built()
+    said = []
+    baselines.build_merges(cfg, log=said.append)  # current: reused
+    assert built() == first and not said
+    # Other weights in the config: rebuilt.
+    baselines.build_merges(cfg_with([3.0, 1.0]), log=said.append)
+    assert said and read_manifest(out)["weights"] == [3.0, 1.0]
+    # New weights saved over model b at the same path: stale, rebuilt with them.
+    said.clear()
+    wb = load_file(str(b_dir / "model.safetensors"))
+    wb = {k: v + 1.0 for k, v in wb.items()}
+    save_file(wb, str(b_dir / "model.safetensors"), metadata={"format": "pt"})
+    baselines.build_merges(cfg, log=said.append)
+    assert said
+    wa, merged = load_file(str(tiny["a"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    k = next(k for k in wa if wa[k].is_floating_point())
+    torch.testing.assert_close(merged[k], (wa[k] + wb[k]) / 2)
+    # Killed after the merged directory was written, before its manifest: built again.
+    (out / "manifest.json").unlink()
+    said.clear()
+    baselines.build_merges(cfg, log=said.append)
+    assert said and read_manifest(out) is not None
 
 
 def test_config_validation_of_baselines():

@@ -27,11 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmfuse.artifacts import ArtifactDir, hash_obj
+from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
+from lmfuse.fingerprint import model_fingerprint
+from lmfuse.modelspec import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.registry import Registry
 
-BASELINES: Registry[Callable[..., list]] = Registry("baseline")
+BASELINES: Registry[Callable[..., list[EvalModel]]] = Registry("baseline")
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
+# What a source directory holds that is no part of a merged model (an lmfuse artifact's records).
+NOT_COPIED = {"manifest.json", "stage.json", "merge.json", "log.jsonl", "README.md", "best_state.json"}
 WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".gguf", ".pt", ".pth")
 
 
@@ -309,7 +315,7 @@ def merge_models(model_dirs: Sequence[str | Path], out: str | Path, weights: Seq
     try:
         src = Path(base) if base is not None else dirs[0]
         for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES):
+            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in NOT_COPIED:
                 shutil.copy2(f, tmp / f.name)
         save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "merge.json").write_text(json.dumps({
@@ -325,17 +331,17 @@ def merge_models(model_dirs: Sequence[str | Path], out: str | Path, weights: Seq
 
 
 # -- config glue -------------------------------------------------------------------------------
-def resolve_name(cfg, name: str, where: str):
-    """A config model name, or `fused`/`clm` (the trained models), as a ModelSpec."""
-    from lmfuse.config import ModelSpec
-    from lmfuse.evaluate import hf_model_dir
+MERGE_DIR = "merge"  # RUN/merge/<label>/: one artifact per configured merge
 
+
+def resolve_name(cfg: FuseConfig, name: str, where: str) -> ModelSpec:
+    """A config model name, or `fused`/`clm` (the trained models), as a ModelSpec."""
     if name in ("fused", "clm"):
         d = hf_model_dir(cfg.run_dir / "train" / name)
         if d is None:
             raise LmfuseError(f"{where} names {name!r}, but {cfg.run_dir / 'train' / name} holds no model yet",
                               where=where, fix=f"run `lmfuse train` first, or drop {name!r} from the entry")
-        return ModelSpec(name=name, path=str(d), dtype="float32")
+        return dir_spec(name, d)
     try:
         return cfg.model(name)
     except LmfuseError as e:
@@ -350,10 +356,13 @@ def merge_label(entry: dict) -> str:
     return f"{prefix}-{'-'.join(entry['models'])}"
 
 
-@BASELINES.register("ensemble")
-def ensemble_entries(cfg) -> list:
-    from lmfuse.evaluate import EvalModel
+def merge_dir(cfg: FuseConfig, entry: dict) -> Path:
+    """Where a configured merge lives: `RUN/merge/<label>/`."""
+    return cfg.run_dir / MERGE_DIR / safe_name(merge_label(entry))
 
+
+@BASELINES.register("ensemble")
+def ensemble_entries(cfg: FuseConfig) -> list[EvalModel]:
     out = []
     for i, group in enumerate(cfg.baselines.ensemble):
         specs = [resolve_name(cfg, n, f"baselines.ensemble[{i}]") for n in group]
@@ -362,52 +371,70 @@ def ensemble_entries(cfg) -> list:
 
 
 @BASELINES.register("merge")
-def merge_entries(cfg) -> list:
-    from lmfuse.evaluate import EvalModel, _dir_spec, _safe_name
-
+def merge_entries(cfg: FuseConfig) -> list[EvalModel]:
     out = []
     for entry in cfg.baselines.merge:
         label = merge_label(entry)
-        out.append(EvalModel(label, "merge", _dir_spec(_safe_name(label), cfg.run_dir / "baselines" / _safe_name(label))))
+        out.append(EvalModel(label, "merge", dir_spec(safe_name(label), merge_dir(cfg, entry))))
     return out
 
 
-def eval_models(cfg) -> list:
-    """The configured baselines as `evaluate.EvalModel`s (merges must be built: `build_merges`)."""
+def eval_models(cfg: FuseConfig) -> list[EvalModel]:
+    """The configured baselines as `EvalModel`s (merges must be built: `build_merges`)."""
     return [m for name in BASELINES.names() for m in BASELINES.get(name)(cfg)]
 
 
-def build_merges(cfg, overwrite: bool = False) -> list[Path]:
-    """Build every configured merge under `RUN/baselines/<label>/`, skipping ones already current."""
-    from lmfuse.evaluate import _safe_name, fingerprint
+def merge_artifact(cfg: FuseConfig, entry: dict, where: str = "baselines.merge") -> ArtifactDir:
+    """The artifact of one configured merge, keyed by its method and weights (config hash) and by
+    the content fingerprints of the models it merges and of its base (inputs), so new weights at
+    the same path make it stale."""
+    specs = [resolve_name(cfg, n, where) for n in entry["models"]]
+    base = resolve_name(cfg, entry["base"], where) if entry.get("base") else None
+    method = entry.get("method", "linear")
+    config_hash = hash_obj({"method": method, "weights": entry.get("weights"), "models": entry["models"],
+                            "base": entry.get("base") if method == "task_arithmetic" else None})
+    inputs = {f"model/{s.name}": model_fingerprint(s) for s in specs}
+    if base is not None and method == "task_arithmetic":
+        inputs[f"base/{base.name}"] = model_fingerprint(base)
+    return ArtifactDir(merge_dir(cfg, entry), "merge", config_hash, inputs)
+
+
+def build_merges(cfg: FuseConfig, overwrite: bool = False, log: Callable[[str], Any] = print) -> list[Path]:
+    """Build every configured merge as an artifact under `RUN/merge/<label>/`.
+
+    A complete merge whose key matches is reused; a missing, partial, damaged or stale one (other
+    weights, method or model files) is built again. The merged directory is written whole (temp
+    dir + rename) and the manifest, with every file's checksum, last.
+
+    Returns:
+        The merge directories, in config order.
+    """
     from lmfuse.models import resolve_model
 
     outs = []
     for i, entry in enumerate(cfg.baselines.merge):
         where = f"baselines.merge[{i}]"
+        art = merge_artifact(cfg, entry, where)
+        if not overwrite and art.is_complete():
+            outs.append(art.path)
+            continue
         specs = [resolve_name(cfg, n, where) for n in entry["models"]]
         base = resolve_name(cfg, entry["base"], where) if entry.get("base") else None
         method = entry.get("method", "linear")
         if method == "task_arithmetic" and base is None:
             raise LmfuseError("task_arithmetic needs a base", where=where, fix="set `base: MODEL_NAME`")
         check_same_tokenizer(specs + ([base] if base else []), "merge")
-        dirs = [Path(resolve_model(s)) for s in specs]
-        base_dir = Path(resolve_model(base)) if base else None
-        out = cfg.run_dir / "baselines" / _safe_name(merge_label(entry))
-        stamp = {"inputs": [fingerprint(s) for s in specs], "base": fingerprint(base) if base else None,
-                 "method": method, "weights": entry.get("weights")}
-        stamp_file = out / "lmfuse-merge-stamp.json"
-        if not overwrite and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-            outs.append(out)
-            continue
-        merge_models(dirs, out, entry.get("weights"), method,
-                     None if method == "linear" else base_dir, names=[s.name for s in specs])
-        stamp_file.write_text(json.dumps(stamp, sort_keys=True))
-        outs.append(out)
+        log(f"merge: building {art.path.name} ({method} of {', '.join(entry['models'])}) -> {art.path}")
+        merge_models([Path(resolve_model(s)) for s in specs], art.path, entry.get("weights"), method,
+                     None if method == "linear" or base is None else Path(resolve_model(base)),
+                     names=[s.name for s in specs])
+        art.finish(method=method, models=list(entry["models"]), weights=entry.get("weights"),
+                   base=entry.get("base"))
+        outs.append(art.path)
     return outs
 
 
-def preflight(cfg) -> None:
+def preflight(cfg: FuseConfig) -> None:
     """Check every configured baseline before any stage runs (not hours later, at eval).
 
     `fused` and `clm` do not exist yet; they share the target's tokenizer and architecture, so
@@ -415,7 +442,7 @@ def preflight(cfg) -> None:
     """
     from lmfuse.models import resolve_model
 
-    def spec(name: str, where: str):
+    def spec(name: str, where: str) -> ModelSpec:
         return cfg.target if name in ("fused", "clm") else resolve_name(cfg, name, where)
 
     for i, group in enumerate(cfg.baselines.ensemble):

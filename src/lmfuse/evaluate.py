@@ -16,16 +16,17 @@ be compared block by block (`lmfuse.stats.paired_bootstrap`, used by the report)
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmfuse import baselines
 from lmfuse.artifacts import atomic_write_bytes, atomic_write_json, hash_obj, read_json
+from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
+from lmfuse.modelspec import EvalModel, dir_spec, fingerprint, hf_model_dir, safe_name
 
 LN2 = math.log(2.0)
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
@@ -166,56 +167,9 @@ def summarize(rows: Sequence[tuple[float, int, int]], domains: Sequence[str]) ->
 
 
 # -- models to evaluate ------------------------------------------------------------------------
-@dataclass
-class EvalModel:
-    """One entry of the evaluation: a label, how to load it, and a fingerprint for the cache."""
-
-    label: str
-    kind: str  # target | source | fused | clm | ensemble | merge | model
-    spec: Any = None  # ModelSpec (or None for ensembles)
-    members: list[Any] = field(default_factory=list)  # ensemble members (ModelSpec)
-
-    def specs(self) -> list[Any]:
-        return self.members or [self.spec]
-
-
-def _dir_spec(name: str, path: str | Path):
-    from lmfuse.config import ModelSpec
-
-    return ModelSpec(name=name, path=str(path), dtype="float32")
-
-
-def hf_model_dir(path: str | Path) -> Path | None:
-    """The HF model directory inside a training output folder, or None if it has none yet."""
-    path = Path(path)
-    for p in (path, path / "model", path / "final"):
-        if (p / "config.json").exists():
-            return p
-    return None
-
-
-def fingerprint(spec) -> str:
-    """A cheap fingerprint of a model: where it really is, its dtype, config + weight files' names,
-    sizes and mtimes (the dtype matters: without `eval.dtype` each model is scored in its own)."""
-    p = Path(spec.path).expanduser()
-    p = p.resolve() if p.exists() else p
-    parts: list[Any] = [str(p) if p.exists() else spec.path, spec.revision, getattr(spec, "dtype", None)]
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".json", ".bin", ".model")):
-                st = f.stat()
-                parts.append([f.name, st.st_size, st.st_mtime_ns])
-    elif p.is_file():
-        st = p.stat()
-        parts.append([p.name, st.st_size, st.st_mtime_ns])
-    return hash_obj(parts)
-
-
-def default_models(cfg) -> list[EvalModel]:
+def default_models(cfg: FuseConfig) -> list[EvalModel]:
     """Target, every source, `train/fused`, `train/clm` (when present; `@best` too with
     `train.keep_best`), and configured baselines."""
-    from lmfuse import baselines
-
     run = cfg.run_dir
     out = [EvalModel(cfg.target.name, "target", cfg.target)]
     out += [EvalModel(s.name, "source", s) for s in cfg.sources]
@@ -223,19 +177,17 @@ def default_models(cfg) -> list[EvalModel]:
         # Only a finished training (manifest written after the weights) counts.
         d = hf_model_dir(run / "train" / kind) if (run / "train" / kind / "manifest.json").exists() else None
         if d is not None:
-            out.append(EvalModel(kind, kind, _dir_spec(kind, d)))
+            out.append(EvalModel(kind, kind, dir_spec(kind, d)))
     for kind in ("fused", "clm"):
         # `train.keep_best`: the weights at the lowest validation loss, scored beside the final ones.
         best = run / "train" / kind / "best"
         if (run / "train" / kind / "manifest.json").exists() and hf_model_dir(best) is not None:
-            out.append(EvalModel(f"{kind}@best", kind, _dir_spec(f"{kind}-best", best)))
+            out.append(EvalModel(f"{kind}@best", kind, dir_spec(f"{kind}-best", best)))
     out += baselines.eval_models(cfg)
     return out
 
 
-def _as_eval_models(cfg, models) -> list[EvalModel]:
-    from lmfuse.config import ModelSpec
-
+def _as_eval_models(models: Sequence[EvalModel | tuple[str, Any]]) -> list[EvalModel]:
     out = []
     for m in models:
         if isinstance(m, EvalModel):
@@ -245,7 +197,7 @@ def _as_eval_models(cfg, models) -> list[EvalModel]:
         if isinstance(what, ModelSpec):
             out.append(EvalModel(label, "model", what))
         else:
-            out.append(EvalModel(label, "model", _dir_spec(_safe_name(label), what)))
+            out.append(EvalModel(label, "model", dir_spec(safe_name(label), what)))
     labels = [m.label for m in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -254,26 +206,12 @@ def _as_eval_models(cfg, models) -> list[EvalModel]:
     return out
 
 
-def _safe_name(label: str) -> str:
-    import re
-
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "model"
-    return s if s[0].isalnum() else "m" + s
-
-
 # -- data --------------------------------------------------------------------------------------
-def load_blocks(cfg) -> tuple[list[dict], str]:
+def load_blocks(cfg: FuseConfig) -> tuple[list[dict], str]:
     """All prepared blocks as dicts (block_id, doc_id, domain, split, text), and the data hash."""
     from lmfuse.artifacts import open_artifact
 
     path = cfg.run_dir / "prepare"
-    try:
-        from lmfuse import prepare
-
-        art = prepare.artifact(cfg)
-        path = Path(getattr(art, "path", path))
-    except (ImportError, AttributeError):
-        pass
     manifest, ds = open_artifact(path, "prepare")
     if ds is None:
         raise LmfuseError("the prepare artifact holds no blocks", where=str(path),
@@ -332,9 +270,8 @@ def check_loadable(models: Sequence[EvalModel]) -> None:
                           fix="fix the model paths in the config (nothing was evaluated)")
 
 
-def load_eval_model(m: EvalModel, dtype: str | None, device: str):
+def load_eval_model(m: EvalModel, dtype: str | None, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) ready for `block_nll`."""
-    from lmfuse import baselines
     from lmfuse.models import load_model, load_tokenizer
 
     if m.kind == "ensemble":
@@ -358,7 +295,7 @@ def per_block(rows: Sequence[tuple[float, int, int]], blocks: Sequence[dict]) ->
             "bytes": [int(r[2]) for r in rows]}
 
 
-def corpus_config(cfg, corpus: str | Path):
+def corpus_config(cfg: FuseConfig, corpus: str | Path) -> FuseConfig:
     """The config that prepares another corpus for evaluation, under `RUN/eval_corpora/<name>/`.
 
     Every block of it is scored (no split, no caps), cut for the same tokenizers and block size.
@@ -381,7 +318,7 @@ def corpus_config(cfg, corpus: str | Path):
     })
 
 
-def _prepare_corpus(data_cfg, given: str | Path, log: Callable[[str], Any]) -> None:
+def _prepare_corpus(data_cfg: FuseConfig, given: str | Path, log: Callable[[str], Any]) -> None:
     """Prepare an `--corpus` once; say how many blocks it gave (it has no split to report)."""
     from lmfuse.prepare import run_prepare
 
@@ -396,7 +333,7 @@ def _prepare_corpus(data_cfg, given: str | Path, log: Callable[[str], Any]) -> N
         f"of {given} (all scored) -> {data_cfg.run_dir}")
 
 
-def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
+def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
              device: str | None = None, extra: Sequence[tuple[str, Any]] = (),
              corpus: str | Path | None = None, log: Callable[[str], Any] = print) -> dict:
     """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
@@ -414,7 +351,6 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     Returns:
         The results object written to `results.json`.
     """
-    from lmfuse import baselines
     from lmfuse.parallel import device as default_device
 
     t0 = time.time()
@@ -428,9 +364,9 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     chosen = select_blocks(blocks, split)
     if models is None:
         baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
-        entries = _as_eval_models(cfg, [*default_models(cfg), *extra])
+        entries = _as_eval_models([*default_models(cfg), *extra])
     else:
-        entries = _as_eval_models(cfg, models)
+        entries = _as_eval_models(models)
     check_loadable(entries)
     baselines.check_ensembles([m for m in entries if m.kind == "ensemble"])
 
@@ -444,7 +380,7 @@ def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, overwrite: bo
     for m in entries:
         key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, split, cfg.eval.dtype,
                         [b["block_id"] for b in chosen]])
-        cache = cache_dir / f"{_safe_name(m.label)}-{key}.json"
+        cache = cache_dir / f"{safe_name(m.label)}-{key}.json"
         rec = None if overwrite else read_json(cache)
         if rec is not None and "per_block" not in rec:
             rec = None  # cached before per-block figures were kept: score again
@@ -516,6 +452,5 @@ def results_table(doc: dict) -> str:
 
 
 def load_results(run_dir: str | Path) -> dict | None:
-    """`RUN/eval/results.json`, or None when eval has not run."""
-    p = Path(run_dir) / "eval" / "results.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    """`RUN/eval/results.json`, or None when eval has not run (the sweep and the experiments read it)."""
+    return read_json(Path(run_dir) / "eval" / "results.json")

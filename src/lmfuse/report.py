@@ -55,7 +55,7 @@ def _num(x: Any) -> bool:
 
 def stage_timings(run_dir: Path) -> list[tuple[str, float]]:
     """(artifact, seconds) for every complete artifact under the run directory, in pipeline order."""
-    order = ["prepare", "extract", "vocab_map", "align", "baselines", "train", "eval"]
+    order = ["prepare", "extract", "vocab_map", "align", "train", "merge", "eval"]
     out = []
     for stage in order:
         base = run_dir / stage

@@ -223,8 +223,3 @@ def token_texts(tok) -> list[str]:
         [V] strings.
     """
     return token_table(tok).texts
-
-
-def special_mask(tok) -> np.ndarray:
-    """bool [V]: which ids are special tokens."""
-    return token_table(tok).special
