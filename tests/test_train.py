@@ -643,7 +643,10 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change(tmp_path, ta
     # The checkpoint of step 2 is there and finite: a rerun (without the fault) resumes from it.
     from safetensors.torch import load_file
 
-    ckpt = next((out / "checkpoints").glob("step-*"))
+    from lmfuse.checkpoint import checkpoint_problem
+
+    [ckpt] = (out / "checkpoints").glob("step-*")
+    assert ckpt.name == "step-00000002" and checkpoint_problem(ckpt) is None
     weights = load_file(next(ckpt.glob("*.safetensors")))
     assert all(torch.isfinite(w).all() for w in weights.values())
     monkeypatch.setattr(tr, "fused_clm_loss", real)
