@@ -27,7 +27,6 @@ next to this file, or --settings FILE. This script reads ../shared/corpora; lmfu
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -35,22 +34,43 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # experiments/common.py
+
+from common import (  # noqa: E402
+    BOOT_SEED,
+    N_BOOT,
+    Log,
+    Picker,
+    Problem,
+    block_stats,
+    ci_text,
+    diff_ci,
+    domain_bpb,
+    fmt,
+    jsonable,
+    log_line,
+    logged,
+    mean_std,
+    read_domain,
+    same_blocks,
+    score_best,
+    seed_mean_record,
+    signed,
+    train_steps,
+    write_if_changed,
+    write_jsonl,
+)
+
 DEFAULT_CORPORA = HERE.parents[1].parent / "shared" / "corpora"
 STEPS = ("data", "experts", "sweep", "table")
-N_BOOT, BOOT_SEED = 10_000, 0  # as lmfuse.sweep, so per-domain intervals equal the sweep's
-LN2 = math.log(2.0)
-MINUS = "\u2212"
-
-Log = Callable[[str], Any]
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -102,39 +122,7 @@ def load_settings(path: Path) -> Settings:
     return Settings.model_validate(yaml.safe_load(path.read_text()))
 
 
-class Problem(Exception):
-    """A problem the user can fix; printed without a traceback."""
-
-
 # -- logging -----------------------------------------------------------------------------------
-class _Tee(io.TextIOBase):
-    """A stream that also writes to the log file (progress-bar redraws, which hold `\\r`, stay out)."""
-
-    def __init__(self, stream, file):
-        self.stream, self.file = stream, file
-
-    def write(self, s: str) -> int:
-        self.stream.write(s)
-        if "\r" not in s:
-            self.file.write(s)
-            self.file.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        self.stream.flush()
-        self.file.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # -- the base model ----------------------------------------------------------------------------
 def base_path(settings: Settings, out: Path) -> str:
     """The base model's lmfuse path; `tiny` builds lmfuse's tiny Llama-style model under OUT."""
@@ -153,108 +141,6 @@ def base_tokenizer(settings: Settings, out: Path):
 
 
 # -- step 1: data ------------------------------------------------------------------------------
-def read_domain(corpora: Path, domain: str, limit: int | None) -> list[dict]:
-    path = corpora / f"{domain}.jsonl"
-    if not path.exists():
-        raise Problem(f"no corpus for domain {domain!r}: {path} does not exist (use --corpora DIR)")
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                docs.append(json.loads(line))
-                if limit and len(docs) >= limit:
-                    break
-    return docs
-
-
-def _ntok(tok, texts: Sequence[str]) -> list[int]:
-    from lmfuse.prepare import count_tokens
-
-    return [int(x) for x in count_tokens([tok], list(texts))] if texts else []
-
-
-class _Picker:
-    """Takes documents in a seeded order for one domain; each document goes to one set only.
-
-    A document is cut into pieces at paragraph, line, sentence and word boundaries
-    (`lmfuse.prepare.split_document`, the cutting lmfuse's prepare uses), and a few of its pieces,
-    chosen at random, go to the set: no document dominates a set, and the held-out, expert and
-    fusion sets never share a document.
-    """
-
-    def __init__(self, docs: list[dict], tok, rng: random.Random, min_tokens: int):
-        self.docs, self.tok, self.rng, self.min_tokens = docs, tok, rng, min_tokens
-        self.order = list(range(len(docs)))
-        rng.shuffle(self.order)
-        self.pos = 0
-
-    def pieces(self, i: int, size: int) -> tuple[list[str], list[int]]:
-        from lmfuse.prepare import split_document
-
-        texts = [p for p in split_document(self.docs[i]["text"], [self.tok], size) if p.strip()]
-        counts = _ntok(self.tok, texts)
-        keep = [(p, n) for p, n in zip(texts, counts) if n >= self.min_tokens]
-        return [p for p, _ in keep], [n for _, n in keep]
-
-    def take(self, size: int, per_doc: int, *, blocks: int | None = None, at_least: int | None = None,
-             at_most: int | None = None) -> list[dict]:
-        """Pieces of at most `size` tokens until `blocks` pieces, or ≥ `at_least` / ≤ `at_most` tokens."""
-        chosen: list[dict] = []
-        total = 0
-
-        def done() -> bool:
-            if blocks is not None:
-                return len(chosen) >= blocks
-            if at_least is not None:
-                return total >= at_least
-            return at_most - total < self.min_tokens
-
-        while not done() and self.pos < len(self.order):
-            i = self.order[self.pos]
-            self.pos += 1
-            texts, counts = self.pieces(i, size)
-            if not texts:
-                continue
-            picks = sorted(self.rng.sample(range(len(texts)), min(per_doc, len(texts))))
-            for j in picks:
-                if done():
-                    break
-                if at_most is not None and total + counts[j] > at_most:
-                    continue
-                doc = self.docs[i]
-                chosen.append({"domain": doc["domain"], "source": f"{doc.get('source', i)}#{j}",
-                               "text": texts[j], "tokens": counts[j]})
-                total += counts[j]
-        if not done():
-            raise Problem(f"domain {self.docs[0]['domain']!r}: ran out of documents after {len(self.docs)} "
-                          f"({len(chosen)} pieces, {total} tokens); lower the budgets or raise max_docs_per_domain")
-        return chosen
-
-
-def block_stats(docs: list[dict], tok, block_size: int) -> dict:
-    """Blocks and tokens per domain and split, as lmfuse's prepare will cut them (one tokenizer:
-    the experts share the base's)."""
-    from lmfuse.config import PrepareConfig
-    from lmfuse.prepare import make_blocks
-
-    table = make_blocks([{"text": d["text"], "domain": d["domain"], "split": d["split"]} for d in docs], [tok],
-                        PrepareConfig(block_size=block_size, min_validation_blocks=0))
-    counts = _ntok(tok, table["text"].to_pylist())
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    for dom, split, n in zip(table["domain"].to_pylist(), table["split"].to_pylist(), counts):
-        s = out.setdefault(dom, {}).setdefault(split, {"blocks": 0, "tokens": 0, "predicted_tokens": 0})
-        s["blocks"] += 1
-        s["tokens"] += n
-        s["predicted_tokens"] += n - 1
-    return out
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
     """Write OUT/data/ once: experts/<domain>.jsonl, fusion.jsonl, stats.json."""
     final = out / "data"
@@ -280,7 +166,7 @@ def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
         docs = read_domain(corpora, domain, s.max_docs_per_domain)
         for d in docs:
             d["domain"] = domain
-        pick = _Picker(docs, tok, random.Random(f"{s.seed}/{domain}"), min_tokens)
+        pick = Picker(docs, tok, random.Random(f"{s.seed}/{domain}"), min_tokens)
         heldout = pick.take(min(s.heldout_piece_tokens, s.block_size), s.heldout_pieces_per_doc,
                             blocks=s.heldout_blocks)
         fusion = pick.take(s.block_size - margin, s.fusion_pieces_per_doc, at_most=s.fusion_tokens // len(s.domains))
@@ -291,12 +177,12 @@ def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
                           "docs_read": len(docs),
                           "docs_used": pick.pos}
         fusion_rows += [{**r, "split": "validation"} for r in heldout] + [{**r, "split": "train"} for r in fusion]
-        _write_jsonl(tmp / "experts" / f"{domain}.jsonl",
+        write_jsonl(tmp / "experts" / f"{domain}.jsonl",
                      [{**r, "split": "train"} for r in expert] + [{**r, "split": "validation"} for r in expert_val])
         log(f"data: {domain}: {len(heldout)} held-out pieces ({sum(r['tokens'] for r in heldout)} tokens), fusion "
             f"{sum(r['tokens'] for r in fusion)} tokens, expert {sum(r['tokens'] for r in expert)} tokens from "
             f"{pick.pos} of {len(docs)} documents")
-    _write_jsonl(tmp / "fusion.jsonl", [{k: r[k] for k in ("domain", "source", "split", "text")} for r in fusion_rows])
+    write_jsonl(tmp / "fusion.jsonl", [{k: r[k] for k in ("domain", "source", "split", "text")} for r in fusion_rows])
 
     fusion_blocks = block_stats(fusion_rows, tok, s.block_size)
     stats: dict[str, Any] = {"settings": settings.data_key(), "tokenizer": base_path(s, out), "domains": {}}
@@ -346,14 +232,6 @@ def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
 
 
 # -- wall-time estimate ------------------------------------------------------------------------
-def _steps(train: dict, blocks: int) -> int:
-    """Optimizer steps of an lmfuse training run on one process (as lmfuse.train.run_train)."""
-    if train.get("max_steps"):
-        return int(train["max_steps"])
-    g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
-    return max(1, math.ceil(float(train.get("epochs", 1.0)) * blocks / g))
-
-
 def estimate(settings: Settings, stats: dict) -> dict[str, float]:
     """Seconds per part of the real run on 2 CPU cores, from the settings' figures.
 
@@ -371,9 +249,9 @@ def estimate(settings: Settings, stats: dict) -> dict[str, float]:
     def trained(train: dict, blocks: int, tokens: int) -> float:
         """Tokens one training run processes: its steps × the mean tokens of a step's blocks."""
         g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
-        return _steps(train, blocks) * g * tokens / max(blocks, 1)
+        return train_steps(train, blocks) * g * tokens / max(blocks, 1)
 
-    fusion_steps = _steps(s.fusion_train, t["fusion_train_blocks"])
+    fusion_steps = train_steps(s.fusion_train, t["fusion_train_blocks"])
     fusion_tokens = trained(s.fusion_train, t["fusion_train_blocks"], t["fusion_train_tokens"])
     runs = len(s.seeds) * (len(s.variants) + 1)  # fused per variant and seed, one control per seed
     evals_in_training = min(s.evaluations, fusion_steps)
@@ -419,12 +297,6 @@ def expert_config(settings: Settings, out: Path, domain: str) -> dict:
     }
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-
-
 def step_experts(settings: Settings, out: Path, log: Log) -> dict[str, Path]:
     """Train one expert per domain: lmfuse prepare, extract (base), train(control=True)."""
     from lmfuse.config import load_config
@@ -438,7 +310,7 @@ def step_experts(settings: Settings, out: Path, log: Log) -> dict[str, Path]:
     for domain in settings.domains:
         run_dir = out / "experts" / domain
         path = run_dir / "config.yaml"
-        _write_if_changed(path, yaml.safe_dump(expert_config(settings, out, domain), sort_keys=False))
+        write_if_changed(path, yaml.safe_dump(expert_config(settings, out, domain), sort_keys=False))
         cfg = load_config(path)
         model = run_dir / "train" / "clm"
         if (model / "manifest.json").exists():
@@ -468,7 +340,7 @@ def labels(settings: Settings) -> dict[str, Any]:
 
 def fusion_config(settings: Settings, out: Path, stats: dict) -> dict:
     lab = labels(settings)
-    steps = _steps(settings.fusion_train, stats["totals"]["fusion_train_blocks"])
+    steps = train_steps(settings.fusion_train, stats["totals"]["fusion_train_blocks"])
     eval_every = max(1, math.ceil(steps / settings.evaluations))  # evaluations at k·eval_every and at the end
     train = {"seed": 0, "save_every": 0, **settings.fusion_train, "keep_best": True, "eval_every": eval_every,
              "control": True}
@@ -529,142 +401,14 @@ def step_sweep(settings: Settings, out: Path, log: Log) -> dict:
     if not stats_path.exists() or missing:
         raise Problem(f"the sweep needs the data and every expert (missing: {missing or 'data'}): run those steps")
     stats = json.loads(stats_path.read_text())
-    _write_if_changed(out / "fusion.yaml", yaml.safe_dump(fusion_config(settings, out, stats), sort_keys=False))
+    write_if_changed(out / "fusion.yaml", yaml.safe_dump(fusion_config(settings, out, stats), sort_keys=False))
     sweep = {"base": "fusion.yaml", "output_dir": "sweep", "seeds": settings.seeds, "variants": settings.variants}
-    _write_if_changed(out / "sweep.yaml", yaml.safe_dump(sweep, sort_keys=False))
+    write_if_changed(out / "sweep.yaml", yaml.safe_dump(sweep, sort_keys=False))
     share_baselines(settings, out / "sweep")
     return run_sweep_file(out / "sweep.yaml", log=log)
 
 
 # -- step 4: the table -------------------------------------------------------------------------
-def _cols(rec: dict, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(block ids, NLL, bytes) of an eval record's per-block figures, for one domain or all."""
-    pb = rec["per_block"]
-    keep = [i for i, d in enumerate(pb["domain"]) if domain is None or d == domain]
-    return (np.asarray([pb["block_id"][i] for i in keep]), np.asarray([pb["nll"][i] for i in keep], float),
-            np.asarray([pb["bytes"][i] for i in keep], float))
-
-
-def domain_bpb(rec: dict, domains: Sequence[str]) -> dict[str, float]:
-    """Bits per byte per domain and their mean over the domains (the paper's average)."""
-    out = {}
-    for d in domains:
-        _, nll, nb = _cols(rec, d)
-        out[d] = float(nll.sum() / (LN2 * nb.sum()))
-    out["average"] = float(np.mean([out[d] for d in domains]))
-    return out
-
-
-def _same_blocks(a: dict, b: dict, domain: str | None = None) -> None:
-    ia, ib = _cols(a, domain)[0], _cols(b, domain)[0]
-    if not np.array_equal(ia, ib):
-        raise Problem("two eval records were scored on different held-out blocks; the runs' prepare differs")
-
-
-def diff_ci(a: dict, b: dict, domains: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """bpb(a) − bpb(b) with a 95% paired bootstrap interval over held-out blocks.
-
-    Per domain: `lmfuse.stats.paired_bootstrap` (10,000 resamples, seed 0, as `lmfuse sweep`).
-    Average (mean of the domains' bits per byte): blocks resampled within each domain (the same
-    blocks for both models), the mean of the per-domain differences recomputed per resample.
-    """
-    from lmfuse.stats import paired_bootstrap
-
-    out = {}
-    for d in domains:
-        _same_blocks(a, b, d)
-        _, na, ba = _cols(a, d)
-        _, nb, bb = _cols(b, d)
-        out[d] = tuple(paired_bootstrap(na, nb, ba, b_nbytes=bb, n_boot=N_BOOT, seed=BOOT_SEED))
-    rng = np.random.default_rng(BOOT_SEED)
-    acc = np.zeros(N_BOOT)
-    for d in domains:
-        _, na, ba = _cols(a, d)
-        _, nb, bb = _cols(b, d)
-        idx = rng.integers(0, len(na), size=(N_BOOT, len(na)))
-        acc += (na[idx].sum(1) / (LN2 * ba[idx].sum(1)) - nb[idx].sum(1) / (LN2 * bb[idx].sum(1))) / len(domains)
-    point = float(np.mean([out[d][0] for d in domains]))
-    lo, hi = np.percentile(acc, [2.5, 97.5])
-    out["average"] = (point, float(lo), float(hi))
-    return out
-
-
-def seed_mean_record(recs: Sequence[dict]) -> dict:
-    """One record whose per-block NLL and bytes are averaged over seeds (blocks in the same order)."""
-    for r in recs[1:]:
-        _same_blocks(recs[0], r)
-    pb = recs[0]["per_block"]
-    return {"per_block": {"block_id": pb["block_id"], "domain": pb["domain"],
-                          "nll": list(np.mean([r["per_block"]["nll"] for r in recs], axis=0)),
-                          "bytes": list(np.mean([r["per_block"]["bytes"] for r in recs], axis=0))}}
-
-
-def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | None:
-    """Held-out per-block figures of `RUN/train/<kind>/best/` (lmfuse eval does not score it).
-
-    Scored with `lmfuse.evaluate.block_nll` on the run's own prepared validation blocks, in the
-    run's `eval.dtype`; cached under `cache_dir` by the model's fingerprint and the blocks.
-    """
-    from lmfuse.artifacts import hash_obj, read_json
-    from lmfuse.config import ModelSpec, load_config
-    from lmfuse.evaluate import (
-        block_nll,
-        fingerprint,
-        load_blocks,
-        per_block,
-        select_blocks,
-        summarize,
-    )
-    from lmfuse.models import load_model, load_tokenizer
-    from lmfuse.parallel import device
-
-    best = (run_dir / "train" / kind / "best").resolve()
-    if not (best / "config.json").exists():
-        return None
-    cfg = load_config(run_dir / "config.yaml")
-    dtype = cfg.eval.dtype or "float32"
-    spec = ModelSpec(name=f"{kind}-best", path=str(best), dtype=dtype)
-    blocks, data_hash = load_blocks(cfg)
-    chosen = select_blocks(blocks, cfg.eval.split)
-    key = hash_obj([fingerprint(spec), data_hash, cfg.eval.split, dtype, [b["block_id"] for b in chosen]])
-    cache = cache_dir / f"{kind}-best-{key}.json"
-    rec = read_json(cache)
-    if rec is None:
-        t0 = time.time()
-        dev = device()
-        model = load_model(spec, dtype=dtype, device=dev)
-        rows = block_nll(model, load_tokenizer(spec), [b["text"] for b in chosen], cfg.eval.batch_size, dev)
-        del model
-        state = read_json(best / "best_state.json") or {}
-        rec = {**summarize(rows, [b["domain"] for b in chosen]), "kind": f"{kind}-best", "path": [str(best)],
-               "step": state.get("step"), "eval_loss": state.get("eval_loss"), "seconds": round(time.time() - t0, 1),
-               "per_block": per_block(rows, chosen)}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(rec))
-        log(f"table: scored {run_dir.name}/train/{kind}/best (step {rec['step']}): "
-            f"{rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']} s)")
-    return rec
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4f}" if math.isfinite(x) else "–"
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.4f}".replace("-", MINUS) if math.isfinite(x) else "–"
-
-
-def _ci(c: Sequence[float]) -> str:
-    return f"{_signed(c[0])} [{_signed(c[1])}, {_signed(c[2])}]"
-
-
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
-
-
 def collect(settings: Settings, out: Path, log: Log) -> dict:
     """Every figure of the table from the sweep's runs (and the best checkpoints, scored here)."""
     from lmfuse.evaluate import load_results
@@ -710,7 +454,7 @@ def collect(settings: Settings, out: Path, log: Log) -> dict:
         for seed in settings.seeds:
             r = runs[name][seed]
             fused, clm = r["models"]["fused"], r["models"]["clm"]
-            _same_blocks(fused, models[lab["base"]])
+            same_blocks(fused, models[lab["base"]])
             doc["fused"][name][seed] = domain_bpb(fused, doms)
             doc["vs_control"][name][seed] = diff_ci(fused, clm, doms)
             fused_recs.append(fused)
@@ -762,7 +506,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
     seeds_txt = ", ".join(map(str, seeds))
 
     def cell_stats(per_seed: dict, row: str) -> tuple[float, float]:
-        return _mean_std([per_seed[s][row] for s in seeds if s in per_seed])
+        return mean_std([per_seed[s][row] for s in seeds if s in per_seed])
 
     def main_table(control: dict, fused: dict, suffix: str) -> list[str]:
         head = ["domain", *doc["fixed"], f"control{suffix}", *[f"fused {v}{suffix}" for v in variants]]
@@ -774,7 +518,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             best = min((m for m, _ in vals if math.isfinite(m)), default=math.nan)
             cells = []
             for m, sd in vals:
-                c = _fmt(m) + (f" ± {sd:.4f}" if math.isfinite(sd) else "")
+                c = fmt(m) + (f" ± {sd:.4f}" if math.isfinite(sd) else "")
                 cells.append(f"**{c}**" if m == best else c)
             lines.append(f"| {'**average**' if row == 'average' else row} | " + " | ".join(cells) + " |")
         return lines
@@ -785,13 +529,13 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             per = diffs.get(v, {})
             for s in seeds:
                 if s in per:
-                    lines.append(f"| {v} | {s} | " + " | ".join(_ci(per[s][r]) for r in rows) + " |")
+                    lines.append(f"| {v} | {s} | " + " | ".join(ci_text(per[s][r]) for r in rows) + " |")
             if "pooled" in per:
                 cells = []
                 for r in rows:
-                    m, sd = _mean_std([per[s][r][0] for s in seeds if s in per])
+                    m, sd = mean_std([per[s][r][0] for s in seeds if s in per])
                     lo, hi = per["pooled"][r][1:]
-                    cells.append(f"{_signed(m)} ± {sd:.4f} [{_signed(lo)}, {_signed(hi)}]")
+                    cells.append(f"{signed(m)} ± {sd:.4f} [{signed(lo)}, {signed(hi)}]")
                 lines.append(f"| {v} | **mean ± std** | " + " | ".join(cells) + " |")
         return lines
 
@@ -806,7 +550,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             lower = [k for k, x in others.items() if x <= mine]
             per = diffs.get(v, {})
             wins = sum(1 for s in seeds if s in per and per[s]["average"][2] < 0)
-            out.append(f"- **fused {v}** ({when}): average {_fmt(mine)}; "
+            out.append(f"- **fused {v}** ({when}): average {fmt(mine)}; "
                        + ("lower than base, every expert, the ensemble, both merges and the control" if not lower
                           else f"not the lowest: {', '.join(lower)} as low or lower")
                        + f"; beats the control on average with the 95% CI below zero in {wins} of {len(seeds)} seeds.")
@@ -868,21 +612,9 @@ def step_table(settings: Settings, out: Path, log: Log) -> Path:
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
     md = out / "table7.md"
     md.write_text(render(doc, settings, stats))
-    (out / "table7.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    (out / "table7.json").write_text(json.dumps(jsonable(doc), indent=1) + "\n")
     log(f"table: {md}")
     return md
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, np.floating):
-        return float(x)
-    return x
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -905,36 +637,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lmfuse.errors import LmfuseError
 
-    with (out / "run.log").open("a", encoding="utf-8") as logf:
-        old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(old[0], logf), _Tee(old[1], logf)
+    with logged(out):
         try:
             if args.estimate:
                 stats = json.loads((out / "data" / "stats.json").read_text())
                 print(estimate_text(settings, stats))
                 return 0
             t0 = time.time()
-            _log(f"domain experts: settings {settings_path}, steps {', '.join(steps)} -> {out}")
+            log_line(f"domain experts: settings {settings_path}, steps {', '.join(steps)} -> {out}")
             for step in steps:
                 t = time.time()
                 if step == "data":
-                    step_data(settings, out, args.corpora.resolve(), _log)
+                    step_data(settings, out, args.corpora.resolve(), log_line)
                 elif step == "experts":
-                    step_experts(settings, out, _log)
+                    step_experts(settings, out, log_line)
                 elif step == "sweep":
-                    step_sweep(settings, out, _log)
+                    step_sweep(settings, out, log_line)
                 else:
-                    step_table(settings, out, _log)
-                _log(f"step {step} done in {time.time() - t:.1f} s")
-            _log(f"done in {time.time() - t0:.1f} s")
+                    step_table(settings, out, log_line)
+                log_line(f"step {step} done in {time.time() - t:.1f} s")
+            log_line(f"done in {time.time() - t0:.1f} s")
         except Problem as e:
-            _log(f"error: {e}")
+            log_line(f"error: {e}")
             return 2
         except LmfuseError as e:
-            _log(f"lmfuse error: {e}")
+            log_line(f"lmfuse error: {e}")
             return 2
-        finally:
-            sys.stdout, sys.stderr = old
     return 0
 
 

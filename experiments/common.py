@@ -1,0 +1,332 @@
+"""What the experiment drivers share: corpus picking, logging, per-block statistics, formatting.
+
+The drivers (`domain_experts/run.py`, `cross_arch/run.py`) read the development corpora in
+../shared/corpora and run lmfuse on them; lmfuse itself never reads ../shared. Held-out figures
+come from `lmfuse eval`'s per-block records (`per_block`: block ids, domains, NLL in nats,
+UTF-8 bytes), so every difference here is paired over the same held-out blocks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+N_BOOT, BOOT_SEED = 10_000, 0  # as lmfuse.sweep, so per-domain intervals equal the sweep's
+LN2 = math.log(2.0)
+MINUS = "\u2212"
+
+Log = Callable[[str], Any]
+
+
+class Problem(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+class Tee(io.TextIOBase):
+    """A stream that also writes to the log file (progress-bar redraws, which hold `\\r`, stay out)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        if "\r" not in s:
+            self.file.write(s)
+            self.file.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def log_line(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_domain(corpora: Path, domain: str, limit: int | None) -> list[dict]:
+    path = corpora / f"{domain}.jsonl"
+    if not path.exists():
+        raise Problem(f"no corpus for domain {domain!r}: {path} does not exist (use --corpora DIR)")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                docs.append(json.loads(line))
+                if limit and len(docs) >= limit:
+                    break
+    return docs
+
+
+def ntok(tok, texts: Sequence[str]) -> list[int]:
+    from lmfuse.prepare import count_tokens
+
+    return [int(x) for x in count_tokens([tok], list(texts))] if texts else []
+
+
+class Picker:
+    """Takes documents in a seeded order for one domain; each document goes to one set only.
+
+    A document is cut into pieces at paragraph, line, sentence and word boundaries
+    (`lmfuse.prepare.split_document`, the cutting lmfuse's prepare uses), and a few of its pieces,
+    chosen at random, go to the set: no document dominates a set, and the held-out, expert and
+    fusion sets never share a document.
+    """
+
+    def __init__(self, docs: list[dict], tok, rng: random.Random, min_tokens: int):
+        self.docs, self.tok, self.rng, self.min_tokens = docs, tok, rng, min_tokens
+        self.order = list(range(len(docs)))
+        rng.shuffle(self.order)
+        self.pos = 0
+
+    def pieces(self, i: int, size: int) -> tuple[list[str], list[int]]:
+        from lmfuse.prepare import split_document
+
+        texts = [p for p in split_document(self.docs[i]["text"], [self.tok], size) if p.strip()]
+        counts = ntok(self.tok, texts)
+        keep = [(p, n) for p, n in zip(texts, counts) if n >= self.min_tokens]
+        return [p for p, _ in keep], [n for _, n in keep]
+
+    def take(self, size: int, per_doc: int, *, blocks: int | None = None, at_least: int | None = None,
+             at_most: int | None = None) -> list[dict]:
+        """Pieces of at most `size` tokens until `blocks` pieces, or ≥ `at_least` / ≤ `at_most` tokens."""
+        chosen: list[dict] = []
+        total = 0
+
+        def done() -> bool:
+            if blocks is not None:
+                return len(chosen) >= blocks
+            if at_least is not None:
+                return total >= at_least
+            return at_most - total < self.min_tokens
+
+        while not done() and self.pos < len(self.order):
+            i = self.order[self.pos]
+            self.pos += 1
+            texts, counts = self.pieces(i, size)
+            if not texts:
+                continue
+            picks = sorted(self.rng.sample(range(len(texts)), min(per_doc, len(texts))))
+            for j in picks:
+                if done():
+                    break
+                if at_most is not None and total + counts[j] > at_most:
+                    continue
+                doc = self.docs[i]
+                chosen.append({"domain": doc["domain"], "source": f"{doc.get('source', i)}#{j}",
+                               "text": texts[j], "tokens": counts[j]})
+                total += counts[j]
+        if not done():
+            raise Problem(f"domain {self.docs[0]['domain']!r}: ran out of documents after {len(self.docs)} "
+                          f"({len(chosen)} pieces, {total} tokens); lower the budgets or raise max_docs_per_domain")
+        return chosen
+
+
+def block_stats(docs: list[dict], tok, block_size: int) -> dict:
+    """Blocks and tokens per domain and split, as lmfuse's prepare will cut them (one tokenizer:
+    the experts share the base's)."""
+    from lmfuse.config import PrepareConfig
+    from lmfuse.prepare import make_blocks
+
+    table = make_blocks([{"text": d["text"], "domain": d["domain"], "split": d["split"]} for d in docs], [tok],
+                        PrepareConfig(block_size=block_size, min_validation_blocks=0))
+    counts = ntok(tok, table["text"].to_pylist())
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for dom, split, n in zip(table["domain"].to_pylist(), table["split"].to_pylist(), counts):
+        s = out.setdefault(dom, {}).setdefault(split, {"blocks": 0, "tokens": 0, "predicted_tokens": 0})
+        s["blocks"] += 1
+        s["tokens"] += n
+        s["predicted_tokens"] += n - 1
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def cols(rec: dict, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block ids, NLL, bytes) of an eval record's per-block figures, for one domain or all."""
+    pb = rec["per_block"]
+    keep = [i for i, d in enumerate(pb["domain"]) if domain is None or d == domain]
+    return (np.asarray([pb["block_id"][i] for i in keep]), np.asarray([pb["nll"][i] for i in keep], float),
+            np.asarray([pb["bytes"][i] for i in keep], float))
+
+
+def domain_bpb(rec: dict, domains: Sequence[str]) -> dict[str, float]:
+    """Bits per byte per domain and their mean over the domains (the paper's average)."""
+    out = {}
+    for d in domains:
+        _, nll, nb = cols(rec, d)
+        out[d] = float(nll.sum() / (LN2 * nb.sum()))
+    out["average"] = float(np.mean([out[d] for d in domains]))
+    return out
+
+
+def same_blocks(a: dict, b: dict, domain: str | None = None) -> None:
+    ia, ib = cols(a, domain)[0], cols(b, domain)[0]
+    if not np.array_equal(ia, ib):
+        raise Problem("two eval records were scored on different held-out blocks; the runs' prepare differs")
+
+
+def diff_ci(a: dict, b: dict, domains: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """bpb(a) − bpb(b) with a 95% paired bootstrap interval over held-out blocks.
+
+    Per domain: `lmfuse.stats.paired_bootstrap` (10,000 resamples, seed 0, as `lmfuse sweep`).
+    Average (mean of the domains' bits per byte): blocks resampled within each domain (the same
+    blocks for both models), the mean of the per-domain differences recomputed per resample.
+    """
+    from lmfuse.stats import paired_bootstrap
+
+    out = {}
+    for d in domains:
+        same_blocks(a, b, d)
+        _, na, ba = cols(a, d)
+        _, nb, bb = cols(b, d)
+        out[d] = tuple(paired_bootstrap(na, nb, ba, b_nbytes=bb, n_boot=N_BOOT, seed=BOOT_SEED))
+    rng = np.random.default_rng(BOOT_SEED)
+    acc = np.zeros(N_BOOT)
+    for d in domains:
+        _, na, ba = cols(a, d)
+        _, nb, bb = cols(b, d)
+        idx = rng.integers(0, len(na), size=(N_BOOT, len(na)))
+        acc += (na[idx].sum(1) / (LN2 * ba[idx].sum(1)) - nb[idx].sum(1) / (LN2 * bb[idx].sum(1))) / len(domains)
+    point = float(np.mean([out[d][0] for d in domains]))
+    lo, hi = np.percentile(acc, [2.5, 97.5])
+    out["average"] = (point, float(lo), float(hi))
+    return out
+
+
+def seed_mean_record(recs: Sequence[dict]) -> dict:
+    """One record whose per-block NLL and bytes are averaged over seeds (blocks in the same order)."""
+    for r in recs[1:]:
+        same_blocks(recs[0], r)
+    pb = recs[0]["per_block"]
+    return {"per_block": {"block_id": pb["block_id"], "domain": pb["domain"],
+                          "nll": list(np.mean([r["per_block"]["nll"] for r in recs], axis=0)),
+                          "bytes": list(np.mean([r["per_block"]["bytes"] for r in recs], axis=0))}}
+
+
+def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | None:
+    """Held-out per-block figures of `RUN/train/<kind>/best/` (lmfuse eval does not score it).
+
+    Scored with `lmfuse.evaluate.block_nll` on the run's own prepared validation blocks, in the
+    run's `eval.dtype`; cached under `cache_dir` by the model's fingerprint and the blocks.
+    """
+    from lmfuse.artifacts import hash_obj, read_json
+    from lmfuse.config import ModelSpec, load_config
+    from lmfuse.evaluate import (
+        block_nll,
+        fingerprint,
+        load_blocks,
+        per_block,
+        select_blocks,
+        summarize,
+    )
+    from lmfuse.models import load_model, load_tokenizer
+    from lmfuse.parallel import device
+
+    best = (run_dir / "train" / kind / "best").resolve()
+    if not (best / "config.json").exists():
+        return None
+    cfg = load_config(run_dir / "config.yaml")
+    dtype = cfg.eval.dtype or "float32"
+    spec = ModelSpec(name=f"{kind}-best", path=str(best), dtype=dtype)
+    blocks, data_hash = load_blocks(cfg)
+    chosen = select_blocks(blocks, cfg.eval.split)
+    key = hash_obj([fingerprint(spec), data_hash, cfg.eval.split, dtype, [b["block_id"] for b in chosen]])
+    cache = cache_dir / f"{kind}-best-{key}.json"
+    rec = read_json(cache)
+    if rec is None:
+        t0 = time.time()
+        dev = device()
+        model = load_model(spec, dtype=dtype, device=dev)
+        rows = block_nll(model, load_tokenizer(spec), [b["text"] for b in chosen], cfg.eval.batch_size, dev)
+        del model
+        state = read_json(best / "best_state.json") or {}
+        rec = {**summarize(rows, [b["domain"] for b in chosen]), "kind": f"{kind}-best", "path": [str(best)],
+               "step": state.get("step"), "eval_loss": state.get("eval_loss"), "seconds": round(time.time() - t0, 1),
+               "per_block": per_block(rows, chosen)}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rec))
+        log(f"table: scored {run_dir.name}/train/{kind}/best (step {rec['step']}): "
+            f"{rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']} s)")
+    return rec
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else "–"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.4f}".replace("-", MINUS) if math.isfinite(x) else "–"
+
+
+def ci_text(c: Sequence[float]) -> str:
+    return f"{signed(c[0])} [{signed(c[1])}, {signed(c[2])}]"
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+
+class logged:  # noqa: N801 (used as `with logged(out):`, like contextlib's lower-case helpers)
+    """Copy the terminal's output to `OUT/run.log` (appended) while the block runs."""
+
+    def __init__(self, out: Path):
+        self.path = out / "run.log"
+
+    def __enter__(self) -> None:
+        self.file = self.path.open("a", encoding="utf-8")
+        self.old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(self.old[0], self.file), Tee(self.old[1], self.file)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.old
+        self.file.close()
+
+
+def train_steps(train: dict, blocks: int) -> int:
+    """Optimizer steps of an lmfuse training run on one process (as lmfuse.train.run_train)."""
+    if train.get("max_steps"):
+        return int(train["max_steps"])
+    g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
+    return max(1, math.ceil(float(train.get("epochs", 1.0)) * blocks / g))
