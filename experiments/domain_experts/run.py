@@ -370,18 +370,18 @@ def run_names(settings: Settings) -> list[tuple[str, int, str]]:
     return [(v["name"], seed, f"{v['name']}-s{seed}") for v in settings.variants for seed in settings.seeds]
 
 
-def share_baselines(settings: Settings, sweep_dir: Path) -> None:
-    """Point every run's `baselines/` at one folder, so each merge is built and scored once.
+def share_merges(settings: Settings, sweep_dir: Path) -> None:
+    """Point every run's `merge/` at one folder, so each merge is built and scored once.
 
-    lmfuse builds a merge under `RUN/baselines/<label>/` and keys its eval cache by the merge's
-    resolved path: in a sweep every run would build its own copy (two fp32 copies of the model per
-    run) and score it again. Through one shared folder the merge stamp matches after the first run
-    and the cache key is the same.
+    lmfuse builds a merge as an artifact under `RUN/merge/<label>/` and keys its eval cache by the
+    merge's resolved path: in a sweep every run would build its own copy (two fp32 copies of the
+    model per run) and score it again. Through one shared folder the merge artifact is current
+    after the first run and the cache key is the same.
     """
-    shared = sweep_dir / "baselines"
+    shared = sweep_dir / "merge"
     shared.mkdir(parents=True, exist_ok=True)
     for _, _, name in run_names(settings):
-        link = sweep_dir / "runs" / name / "baselines"
+        link = sweep_dir / "runs" / name / "merge"
         link.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(shared, link.parent)
         if link.is_symlink() and os.readlink(link) == rel:
@@ -404,7 +404,7 @@ def step_sweep(settings: Settings, out: Path, log: Log) -> dict:
     write_if_changed(out / "fusion.yaml", yaml.safe_dump(fusion_config(settings, out, stats), sort_keys=False))
     sweep = {"base": "fusion.yaml", "output_dir": "sweep", "seeds": settings.seeds, "variants": settings.variants}
     write_if_changed(out / "sweep.yaml", yaml.safe_dump(sweep, sort_keys=False))
-    share_baselines(settings, out / "sweep")
+    share_merges(settings, out / "sweep")
     return run_sweep_file(out / "sweep.yaml", log=log)
 
 
