@@ -330,3 +330,57 @@ def train_steps(train: dict, blocks: int) -> int:
         return int(train["max_steps"])
     g = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
     return max(1, math.ceil(float(train.get("epochs", 1.0)) * blocks / g))
+
+
+def driver_parser(doc: str, steps: Sequence[str], default_corpora: Path):
+    """The command line every driver shares (`--out`, `--tiny`, `--settings`, `--corpora`, `--steps-only`,
+    `--estimate`); a driver adds its own flags to it."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumes what is there)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and budgets (tiny.yaml): tests the chain")
+    p.add_argument("--settings", type=Path, help="settings file (default: real.yaml, or tiny.yaml with --tiny)")
+    p.add_argument("--corpora", type=Path, default=default_corpora, help=f"default: {default_corpora}")
+    p.add_argument("--steps-only", choices=steps, action="append",
+                   help="run only this step (repeatable); default: every step in order")
+    p.add_argument("--estimate", action="store_true", help="print the wall-time estimate from OUT/data and exit")
+    return p
+
+
+def run_steps(title: str, out: Path, steps: Sequence[tuple[str, Callable[[], Any]]]) -> int:
+    """Run the steps in order with OUT/run.log; a problem the user can fix ends with exit code 2."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lmfuse.errors import LmfuseError
+
+    with logged(out):
+        t0 = time.time()
+        log_line(f"{title}: steps {', '.join(name for name, _ in steps)} -> {out}")
+        try:
+            for name, fn in steps:
+                t = time.time()
+                fn()
+                log_line(f"step {name} done in {time.time() - t:.1f} s")
+        except Problem as e:
+            log_line(f"error: {e}")
+            return 2
+        except LmfuseError as e:
+            log_line(f"lmfuse error: {e}")
+            return 2
+        log_line(f"done in {time.time() - t0:.1f} s")
+    return 0
+
+
+def existing_data(final: Path, data_key: dict, made_from_it: str, log: Log) -> dict | None:
+    """The stats of a data step made earlier with the same settings, None when there is none yet."""
+    stats_path = final / "stats.json"
+    if not stats_path.exists():
+        return None
+    stats = json.loads(stats_path.read_text())
+    if stats["settings"] != json.loads(json.dumps(data_key)):
+        raise Problem(f"{final} was made with other data settings ({stats['settings']}); delete it (and the "
+                      f"{made_from_it} made from it) or use another --out")
+    log(f"data: complete ({stats_path})")
+    return stats

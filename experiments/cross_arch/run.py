@@ -29,7 +29,6 @@ reads ../shared/corpora and Debian's `fortunes` package (apt-get download); lmfu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,11 +55,13 @@ from common import (  # noqa: E402
     ci_text,
     diff_ci,
     domain_bpb,
+    driver_parser,
+    existing_data,
     fmt,
     jsonable,
     log_line,
-    logged,
     read_domain,
+    run_steps,
     same_blocks,
     train_steps,
     write_if_changed,
@@ -183,13 +184,8 @@ def fortunes_corpus(out: Path, log: Log) -> Path:
 def step_data(settings: Settings, out: Path, corpora: Path, log: Log) -> dict:
     """Write OUT/data/ once: fusion.jsonl (train + held-out pieces) and stats.json."""
     final = out / "data"
-    stats_path = final / "stats.json"
-    if stats_path.exists():
-        stats = json.loads(stats_path.read_text())
-        if stats["settings"] != json.loads(json.dumps(settings.data_key())):
-            raise Problem(f"{final} was made with other data settings ({stats['settings']}); delete it (and the "
-                          "sweep made from it) or use another --out")
-        log(f"data: complete ({stats_path})")
+    stats = existing_data(final, settings.data_key(), "sweep", log)
+    if stats is not None:
         return stats
     t0 = time.time()
     s = settings
@@ -506,52 +502,27 @@ def step_table(settings: Settings, out: Path, parts: Sequence[str], log: Log) ->
 
 # -- main --------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="output directory (resumes what is there)")
-    p.add_argument("--tiny", action="store_true", help="tiny models and budgets (tiny.yaml): tests the chain")
-    p.add_argument("--settings", type=Path, help="settings file (default: real.yaml, or tiny.yaml with --tiny)")
-    p.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA, help=f"default: {DEFAULT_CORPORA}")
-    p.add_argument("--steps-only", choices=STEPS, action="append", help="run only this step (repeatable)")
+    p = driver_parser(__doc__, STEPS, DEFAULT_CORPORA)
     p.add_argument("--parts", action="append", help="run (and tabulate) only this part (repeatable); default: all")
-    p.add_argument("--estimate", action="store_true", help="print the wall-time estimate from OUT/data and exit")
     args = p.parse_args(argv)
     settings_path = args.settings or HERE / ("tiny.yaml" if args.tiny else "real.yaml")
     settings = load_settings(settings_path)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    steps = [s for s in STEPS if not args.steps_only or s in args.steps_only]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lmfuse.errors import LmfuseError
-
-    with logged(out):
-        try:
-            parts = part_names(settings, args.parts)
-            if args.estimate:
-                print(estimate_text(settings, json.loads((out / "data" / "stats.json").read_text())))
-                return 0
-            t0 = time.time()
-            log_line(f"cross-architecture: settings {settings_path}, steps {', '.join(steps)}, parts "
-                     f"{', '.join(parts)} -> {out}")
-            for step in steps:
-                t = time.time()
-                if step == "data":
-                    step_data(settings, out, args.corpora.resolve(), log_line)
-                elif step == "sweep":
-                    step_sweep(settings, out, parts, log_line)
-                else:
-                    step_table(settings, out, parts, log_line)
-                log_line(f"step {step} done in {time.time() - t:.1f} s")
-            log_line(f"done in {time.time() - t0:.1f} s")
-        except Problem as e:
-            log_line(f"error: {e}")
-            return 2
-        except LmfuseError as e:
-            log_line(f"lmfuse error: {e}")
-            return 2
-    return 0
+    try:
+        parts = part_names(settings, args.parts)
+    except Problem as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.estimate:
+        print(estimate_text(settings, json.loads((out / "data" / "stats.json").read_text())))
+        return 0
+    fns = {"data": lambda: step_data(settings, out, args.corpora.resolve(), log_line),
+           "sweep": lambda: step_sweep(settings, out, parts, log_line),
+           "table": lambda: step_table(settings, out, parts, log_line)}
+    steps = [(s, fns[s]) for s in STEPS if not args.steps_only or s in args.steps_only]
+    return run_steps(f"cross-architecture (settings {settings_path}, parts {', '.join(parts)})", out, steps)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
