@@ -34,6 +34,9 @@ from lmfuse.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
 STAGE = "stage.json"
+# The manifest's checksum of its own other fields: an edit of the manifest (valid JSON, a changed
+# value) is damage like any other, not a new truth.
+SELF_HASH = "manifest_sha256"
 # Files an artifact may hold that are not part of its content (they change legitimately).
 UNCHECKED = (MANIFEST, STAGE, "log.jsonl")
 
@@ -137,7 +140,7 @@ def read_json(path: str | Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise LmfuseError(f"cannot read {path.name}: {e}", where=str(path),
                           fix="delete the artifact directory and rerun the stage") from e
 
@@ -194,7 +197,7 @@ def load_arrow_dataset(paths: Iterable[str | Path]):
 def regenerate_command(path: str | Path, stage: str | None = None) -> str:
     """The command that rebuilds the artifact at `path` (`RUN/<stage>[/<name>]`), for error messages."""
     path = Path(path)
-    stage = stage or (path.name if path.name == "prepare" else path.parent.name)
+    stage = stage or (path.name if path.name in ("prepare", "eval") else path.parent.name)
     name = path.name
     if stage == "prepare":
         return "lmfuse prepare CONFIG --overwrite"
@@ -206,6 +209,10 @@ def regenerate_command(path: str | Path, stage: str | None = None) -> str:
         return f"lmfuse align CONFIG --source {name} --overwrite"
     if stage == "train":
         return "lmfuse train CONFIG" + (" --control" if name == "clm" else "") + " --overwrite"
+    if stage == "merge":  # eval rebuilds a merge that is missing (not one whose manifest still vouches for it)
+        return f"rm -r {path} && lmfuse eval CONFIG"
+    if stage == "eval" or path.name == "eval":
+        return "lmfuse eval CONFIG --overwrite"
     return "lmfuse run CONFIG --overwrite"
 
 
@@ -230,6 +237,23 @@ def file_records(path: str | Path) -> dict[str, dict]:
             for f in content_files(path)}
 
 
+def manifest_hash(manifest: dict) -> str:
+    """sha256 of a manifest's fields other than `SELF_HASH`, as JSON would store them."""
+    fields = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    text = json.dumps(_finite(fields), sort_keys=True, default=str, allow_nan=False)
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """Why a manifest cannot be trusted (edited after it was written), or None.
+
+    Manifests of older lmfuse versions hold no checksum of themselves and are taken as they are.
+    """
+    if SELF_HASH in manifest and manifest[SELF_HASH] != manifest_hash(manifest):
+        return f"{MANIFEST}: edited after it was written (its checksum of its own fields differs)"
+    return None
+
+
 def damage(path: str | Path, manifest: dict, full: bool = False) -> list[str]:
     """What is wrong with a complete artifact's files: missing, resized or (with `full`) changed.
 
@@ -243,6 +267,9 @@ def damage(path: str | Path, manifest: dict, full: bool = False) -> list[str]:
         One line per damaged file, e.g. `shards/shard-00001.arrow: 1200 bytes, expected 4096`.
     """
     path = Path(path)
+    edited = manifest_problem(manifest)
+    if edited:  # its records cannot be trusted, so neither can the files they vouch for
+        return [edited]
     problems = []
     for rel, rec in sorted((manifest.get("files") or {}).items()):
         f = path / rel
@@ -302,8 +329,18 @@ class ArtifactDir:
         if self.path.exists() and not self.path.is_dir():
             raise LmfuseError(f"{self.path} is a file, not an artifact directory", where=str(self.path),
                               fix="move the file away (or set output_dir to another directory), then rerun")
-        manifest = read_manifest(self.path)
-        stage = read_json(self.path / STAGE)
+        try:
+            manifest = read_manifest(self.path)
+        except LmfuseError as e:  # not JSON any more: damage like any other, the whole artifact goes
+            self.problems = [f"{MANIFEST}: unreadable ({e.what})"]
+            return "damaged"
+        if manifest is not None and manifest_problem(manifest):  # before trusting its config hash
+            self.problems = [manifest_problem(manifest)]
+            return "damaged"
+        try:
+            stage = read_json(self.path / STAGE) if manifest is None else None
+        except LmfuseError:
+            stage = {"config_hash": None}  # an unfinished artifact of unknown config: replaced by `begin`
         if manifest is None and stage is None:
             return "missing"
         rec = manifest or stage
@@ -332,11 +369,12 @@ class ArtifactDir:
         - `overwrite`: whatever is there is deleted (a complete artifact too: it is rebuilt);
         - a partial artifact of another config (a failed or killed run) is replaced, with a line
           in the log; a complete one of another config is refused unless `overwrite`;
-        - a damaged one loses its manifest and its damaged files, so the stage rewrites just those;
+        - a damaged one loses its manifest and its damaged files, so the stage rewrites just those
+          (an edited manifest vouches for nothing: the whole artifact is rebuilt);
         - temp files a killed write left behind are removed.
         """
         state = self.state()
-        manifest = read_manifest(self.path) if state in ("stale", "complete", "damaged") else None
+        manifest = read_manifest(self.path) if state in ("stale", "complete") else None
         if self.overwrite and state != "missing":
             log(f"{self.stage}: --overwrite: deleting {self.path} and building it again")
             self._remove()
@@ -352,6 +390,10 @@ class ArtifactDir:
                 where=str(self.path),
                 fix="use another output directory, or pass --overwrite to delete it and start again",
             )
+        elif state == "damaged" and self.problems[0].startswith(f"{MANIFEST}:"):
+            log(f"{self.stage}: {self.path} is damaged ({self.problems[0]}); building it again")
+            self._remove()
+            state = "missing"
         elif state == "damaged":
             log(f"{self.stage}: {self.path} is damaged ({'; '.join(self.problems[:3])}); rebuilding the damaged files")
             (self.path / MANIFEST).unlink()
@@ -419,6 +461,7 @@ class ArtifactDir:
             **extra,
             "files": file_records(self.path),
         }
+        manifest[SELF_HASH] = manifest_hash(manifest)
         atomic_write_json(self.path / MANIFEST, manifest)
         self._begun = True
         return manifest
@@ -438,7 +481,11 @@ def check_artifact(path: str | Path, stage: str, full: bool = True) -> dict:
             changed (the message names the files and the command that rebuilds the artifact).
     """
     path = Path(path)
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except LmfuseError as e:
+        raise LmfuseError(f"the {stage} artifact is damaged: {MANIFEST} is unreadable ({e.what})",
+                          where=str(path / MANIFEST), fix=f"rebuild it: `{regenerate_command(path, stage)}`") from e
     if manifest is None:
         raise LmfuseError(f"no complete {stage} artifact at {path}", where=str(path),
                           fix=f"run `lmfuse {stage.replace('_', '-')}` first (or `lmfuse run CONFIG`)")

@@ -21,7 +21,6 @@ from lmfuse.artifacts import (
     ArtifactDir,
     check_artifact,
     damage,
-    read_json,
     read_manifest,
     regenerate_command,
 )
@@ -29,6 +28,9 @@ from lmfuse.errors import LmfuseError
 from lmfuse.lock import run_lock
 
 STAGES = ("prepare", "extract", "vocab_map", "align", "train")
+# What `lmfuse verify` checks: the stages' artifacts, the merge baselines and the eval results.
+VERIFIED = (*STAGES, "merge", "eval")
+SINGLE = ("prepare", "eval")  # one artifact directory, not one per model
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,8 @@ class Check:
 
 def _artifact_dirs(run_dir: Path) -> list[str]:
     labels = []
-    for stage in STAGES:
-        if stage == "prepare":
+    for stage in VERIFIED:
+        if stage in SINGLE:
             if (run_dir / stage).is_dir():
                 labels.append(stage)
             continue
@@ -240,14 +242,22 @@ def verify_run(run_dir: str | Path) -> list[Check]:
     if not labels:
         raise LmfuseError(f"{run_dir} holds no artifacts", where=str(run_dir),
                           fix="give the run's output directory (output_dir in its config)")
-    manifests = {lab: read_manifest(run_dir / lab) for lab in labels}
+    manifests, unreadable = {}, {}
+    for lab in labels:
+        try:
+            manifests[lab] = read_manifest(run_dir / lab)
+        except LmfuseError as e:
+            manifests[lab], unreadable[lab] = None, e.what
     checks = []
     for lab in labels:
         stage = lab.partition("/")[0]
-        cmd = regenerate_command(Path(lab), stage)
+        cmd = regenerate_command(run_dir / lab, stage)
         m = manifests[lab]
+        if lab in unreadable:
+            checks.append(Check(lab, "damaged", f"manifest.json: unreadable ({unreadable[lab]})", cmd))
+            continue
         if m is None:
-            what = "unfinished (stage.json without manifest.json)" if read_json(run_dir / lab / "stage.json") \
+            what = "unfinished (stage.json without manifest.json)" if (run_dir / lab / "stage.json").exists() \
                 else "no manifest.json"
             checks.append(Check(lab, "incomplete", what, cmd))
             continue
@@ -258,6 +268,8 @@ def verify_run(run_dir: str | Path) -> list[Check]:
             continue
         stale = []
         for name, key in (m.get("inputs") or {}).items():
+            if name.startswith(("model/", "base/")):
+                continue  # a merge's inputs are model files' fingerprints: eval rechecks them (merge_artifact)
             up = _input_label(name, m)
             upm = manifests.get(up)
             if upm is None:
@@ -266,6 +278,8 @@ def verify_run(run_dir: str | Path) -> list[Check]:
                 stale.append(f"made from another {up} (key {key}, now {upm.get('key')})")
         if stale:
             checks.append(Check(lab, "stale", "; ".join(stale), cmd))
+        elif "files" not in m and stage == "eval":
+            checks.append(Check(lab, "unchecked", "eval records no checksums of its results and cache", cmd))
         elif "files" not in m:
             checks.append(Check(lab, "unchecked", "no checksums (made by an older lmfuse): rebuild it to check it",
                                 cmd))
