@@ -67,6 +67,9 @@ def run_lock(run_dir: str | Path, command: str | None = None) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, run_dir, "create the run directory") from e
+    except ValueError as e:  # a NUL or a lone surrogate in output_dir: no file system takes that name
+        raise LmfuseError(f"cannot create the run directory: its name is not a valid path ({e})",
+                          where=repr(str(run_dir)), fix="set output_dir to a path of ordinary characters") from e
     key = str(run_dir.resolve())
     try:
         import fcntl

@@ -89,6 +89,17 @@ def _read_text(f: Path) -> str:
 SPLITS = ("train", "validation")
 
 
+def _check_unicode(text: str, field: str, where: str) -> None:
+    """Refuse a lone surrogate (JSON's `\\ud800` escapes make one): it is not text, and no tokenizer,
+    Arrow column or UTF-8 file can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LmfuseError(f"field {field!r} holds a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                          f"{e.start}), which is not Unicode text", where=where,
+                          fix="remove it, or replace it with U+FFFD (e.g. re-encode with errors='replace')") from e
+
+
 def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_domain: str,
          split_field: str | None = None) -> dict:
     if not isinstance(rec, dict) or text_field not in rec:
@@ -98,7 +109,10 @@ def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_doma
     text = rec[text_field]
     if not isinstance(text, str):
         raise LmfuseError(f"field {text_field!r} is a {type(text).__name__}, not a string", where=where)
+    _check_unicode(text, text_field, where)
     domain = rec.get(domain_field)
+    if isinstance(domain, str):
+        _check_unicode(domain, domain_field, where)
     doc = {"text": text, "domain": str(domain) if domain not in (None, "") else default_domain}
     if split_field:
         split = rec.get(split_field)
@@ -111,7 +125,9 @@ def _doc(rec: dict, text_field: str, domain_field: str, where: str, default_doma
 
 def _read_jsonl(path: Path, text_field: str, domain_field: str, split_field: str | None = None) -> Iterator[dict]:
     text = _read_text(path)
-    for n, line in enumerate(text.splitlines(), 1):
+    # Records end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 raw, which
+    # `str.splitlines` would take for line breaks, cutting a valid record in two.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
