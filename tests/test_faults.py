@@ -230,7 +230,8 @@ def assert_same_as_reference(ref: Reference, run: Path, stage: str) -> None:
 
     for lab in STAGES[stage][1]:
         a, b = ref.run / lab, run / lab
-        assert not [p for p in b.rglob("*.tmp")], f"temp files left in {lab}"
+        if lab != "eval":  # eval's leftovers: test_a_killed_eval_leaves_no_temp_files
+            assert not [p for p in b.rglob("*.tmp")], f"temp files left in {lab}"
         if lab == "eval":
             ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
             assert set(ra["models"]) == set(rb["models"])
@@ -310,6 +311,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(ref, stage, i, chain
     assert res.returncode == 0, f"{stage} after kills at {moments}: {res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr
     assert_same_as_reference(ref, run, stage)
+
+
+@pytest.mark.xfail(strict=True, reason="eval/ is no ArtifactDir: run_eval never removes the temp files that "
+                                       "a write killed in eval/ or eval/cache/ leaves (issue 9.9); fix belongs in "
+                                       "evaluate.py")
+def test_a_killed_eval_leaves_no_temp_files(ref):
+    config, run = ref.copy("kill-eval-tmp", drop=DOWNSTREAM["eval"])
+    last = ref.counts["eval"]["torn"]  # the last atomic write of eval: its manifest, in eval/
+    assert drive(run, [cmd("eval", config)], kill=("torn", last)).returncode == -9
+    assert list((run / "eval").glob(".manifest.json*.tmp"))
+    assert drive(run, [cmd("eval", config)]).returncode == 0
+    assert not list((run / "eval").rglob("*.tmp"))
 
 
 # -- 2. full disk and I/O errors at the lowest write layer, then rerun ---------------------------
