@@ -278,7 +278,10 @@ CHAINS = {
     "align": [["replace", "torn", "replace"]],
     # checkpoint save (safetensors, torch.save of the optimizer, the rename), cleanup (rmtree)
     "train_fused": [["save_file", "rmtree"], ["torch_save", "replace"], ["rmtree"]],
-    "train_clm": [["replace", "save_file"]],
+    "train_clm": [["replace", "save_file"],
+                  # Counted from the end of a fresh run: the final cleanup of the checkpoints before
+                  # the manifest (issue 9.5's moment), and the removal of `.final/` after it.
+                  ["rmtree@-5"], ["rmtree@-2"]],
     "eval": [["save_file", "replace"], ["torn"]],
 }
 KILL_SEED = 9
@@ -290,6 +293,8 @@ def kill_plan() -> list[tuple[str, int, list[str]]]:
 
 def test_the_plan_kills_at_least_twenty_moments_in_every_stage():
     assert sum(len(c) for _, _, c in kill_plan()) >= 20
+    assert {p.partition("@")[0] for _, _, c in kill_plan() for p in c} == {"replace", "torn", "rmtree", "save_file",
+                                                                          "torch_save"}
     assert set(CHAINS) == set(STAGES)
 
 
@@ -300,8 +305,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(ref, stage, i, chain
     counts = dict(ref.counts[stage])
     moments = []
     for point in chain:
-        # A seeded moment among the calls still to come (a resumed run makes fewer than a fresh one).
-        n = rng.randint(1, max(1, counts[point] // 2 if moments else counts[point]))
+        point, _, back = point.partition("@")
+        if back:  # a fixed moment, counted from the end
+            n = counts[point] + 1 + int(back)
+        else:  # a seeded moment among the calls still to come (a resumed run makes fewer than a fresh one)
+            n = rng.randint(1, max(1, counts[point] // 2 if moments else counts[point]))
         res = drive(run, [cmd(stage, config)], kill=(point, n))
         moments.append((point, n))
         assert res.returncode == -9, f"{stage}: no kill at {point}#{n} (rc {res.returncode}): {res.stderr[-2000:]}"
