@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from lmfuse.artifacts import ArtifactDir
+from lmfuse.artifacts import ArtifactDir, manifest_hash
 from lmfuse.config import FuseConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.fusion import FusionOptions
@@ -304,6 +304,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, target_dir):
     other = write_synthetic_run(tmp_path / "other", target_dir, target_name="tgt")
     man = json.loads((other / "align" / "src0" / "manifest.json").read_text())
     man["inputs"]["extract_target"] = "somethingelse"
+    man["manifest_sha256"] = manifest_hash(man)  # re-sealed: made so, not damaged after
     (other / "align" / "src0" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(LmfuseError, match="another target"):
         run_train(make_cfg(other, target_dir))
