@@ -246,14 +246,15 @@ def _raw_path_problems(data: dict, base: Path) -> list[str]:
 
     problems = []
     corpus = data.get("corpus")
-    if (isinstance(corpus, dict) and isinstance(corpus.get("path"), str)
+    if (isinstance(corpus, dict) and isinstance(corpus.get("path"), str) and _home_problem(corpus["path"]) is None
             and not _resolve(corpus["path"], base).exists()):
         problems.append(f"corpus.path: {corpus['path']!r} does not exist")
     entries = [("target", data.get("target"))]
     if isinstance(data.get("sources"), list):
         entries += [(f"sources[{i}]", m) for i, m in enumerate(data["sources"])]
     for loc, m in entries:
-        if isinstance(m, dict) and isinstance(m.get("path"), str) and isinstance(m.get("name"), str):
+        if (isinstance(m, dict) and isinstance(m.get("path"), str) and isinstance(m.get("name"), str)
+                and _home_problem(m["path"]) is None):
             problem = model_path_problem(ModelSpec.model_construct(**m), base)
             if problem:
                 problems.append(f"{loc}.path: {problem}")
@@ -272,6 +273,30 @@ def _resolve(p: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _home_problem(p: str) -> str | None:
+    """Why `~user/...` cannot be expanded (no such user, or no home directory), or None."""
+    if not p.startswith("~"):
+        return None
+    try:
+        Path(p).expanduser()
+    except RuntimeError:  # what Path.expanduser raises for an unknown user
+        user = p[1:].split("/", 1)[0]
+        who = f"user {user!r}" if user else "you ($HOME is not set)"
+        return f"{p!r}: cannot expand {p.split('/', 1)[0]!r}: no home directory for {who}; write the path in full"
+    return None
+
+
+def _home_problems(data: dict) -> list[str]:
+    """`~user/...` paths that cannot be expanded, located (`Path.expanduser` would raise)."""
+    fields = [("output_dir", data.get("output_dir"))]
+    for loc in ("corpus", "target"):
+        if isinstance(data.get(loc), dict):
+            fields.append((f"{loc}.path", data[loc].get("path")))
+    if isinstance(data.get("sources"), list):
+        fields += [(f"sources[{i}].path", m.get("path")) for i, m in enumerate(data["sources"]) if isinstance(m, dict)]
+    return [f"{loc}: {problem}" for loc, p in fields if isinstance(p, str) and (problem := _home_problem(p))]
+
+
 def _format_pydantic(e: ValidationError) -> list[str]:
     out = []
     for err in e.errors():
@@ -284,10 +309,13 @@ def _format_pydantic(e: ValidationError) -> list[str]:
 def parse_config(data: dict, base: Path | None = None) -> tuple[FuseConfig | None, list[str]]:
     """Build a config from a dict; return it (or None) and every problem found."""
     base = base or Path.cwd()
+    homes = _home_problems(data)
     try:
         cfg = FuseConfig.model_validate(data)
     except ValidationError as e:
-        return None, _format_pydantic(e) + _plugin_problems(data) + _raw_path_problems(data, base)
+        return None, _format_pydantic(e) + homes + _plugin_problems(data) + _raw_path_problems(data, base)
+    if homes:  # such a path cannot be resolved, so no config can be built
+        return None, homes + _plugin_problems(data) + _raw_path_problems(data, base)
     problems = _plugin_problems(data) + _path_problems(cfg, base)
     # Paths in the config are relative to the config file's folder.
     return _rebase(cfg, base), problems
@@ -308,7 +336,13 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise LmfuseError(f"config file {path} does not exist", fix="check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LmfuseError(f"config file is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                          f"{e.start}: {e.reason})", where=str(path),
+                          fix="save the config as UTF-8 (any editor's 'UTF-8' encoding), then rerun") from e
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise LmfuseError(f"config file is not valid YAML: {e}", where=str(path)) from e
     if not isinstance(data, dict):
