@@ -172,6 +172,15 @@ def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny,
     said.clear()
     baselines.build_merges(cfg, log=said.append)
     assert said and read_manifest(out) is not None
+    # A byte changed in the merged weights (same size: only the checksum sees it): built again, saying so.
+    good = (out / "model.safetensors").read_bytes()
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(flipped))
+    said.clear()
+    baselines.build_merges(cfg, log=said.append)
+    assert any("is damaged (model.safetensors: contents changed" in line for line in said), said
+    assert (out / "model.safetensors").read_bytes() == good
 
 
 def test_config_validation_of_baselines():

@@ -498,8 +498,6 @@ CONSUMER = {
 }
 EVAL_NO_CHECKSUMS = ("eval writes results.json, results.md, cache/*.json and its manifest without "
                      "checksums (evaluate.run_eval), so an edit is read as it is; fix belongs in evaluate.py")
-MERGE_SIZE_ONLY = ("baselines.build_merges reuses a merge after a size-only check (ArtifactDir.is_complete), "
-                   "so same-size damage to merged weights is scored; fix: check_artifact(full=True) in baselines.py")
 TRAIN_UNCHECKED = ("evaluate.default_models takes train/<kind>/ once its manifest exists and never checks the "
                    "weights against the manifest's checksums; fix: check_artifact(..., 'train') in evaluate.py")
 # (artifact label, file in it, mutation, None | "rebuild" (the reader rebuilds it, saying so) |
@@ -528,7 +526,7 @@ CORRUPTIONS = [
     ("train/fused", "config.json", ("edit", "n_layer", 1), TRAIN_UNCHECKED),
     ("train/fused", "best/model.safetensors", "flip", TRAIN_UNCHECKED),
     ("train/fused", "manifest.json", ("edit", "metrics.final_train_loss", 0.0), TRAIN_UNCHECKED),
-    ("merge/mix", "model.safetensors", "flip", MERGE_SIZE_ONLY),
+    ("merge/mix", "model.safetensors", "flip", "rebuild"),
     ("merge/mix", "model.safetensors", "truncate", "rebuild"),
     ("eval", "results.json", ("edit", "blocks", 1), EVAL_NO_CHECKSUMS),
     ("eval", "cache/CACHE", ("edit", "overall.bpb", 0.5), EVAL_NO_CHECKSUMS),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmfuse.artifacts import ArtifactDir, hash_obj
+from lmfuse.artifacts import ArtifactDir, damage, hash_obj, read_manifest
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
 from lmfuse.fingerprint import model_fingerprint
@@ -402,9 +402,11 @@ def merge_artifact(cfg: FuseConfig, entry: dict, where: str = "baselines.merge")
 def build_merges(cfg: FuseConfig, overwrite: bool = False, log: Callable[[str], Any] = print) -> list[Path]:
     """Build every configured merge as an artifact under `RUN/merge/<label>/`.
 
-    A complete merge whose key matches is reused; a missing, partial, damaged or stale one (other
-    weights, method or model files) is built again. The merged directory is written whole (temp
-    dir + rename) and the manifest, with every file's checksum, last.
+    A complete merge whose key matches and whose files match their checksums (contents, not just
+    sizes: reuse reads it as an input) is reused; a missing, partial, damaged or stale one (other
+    weights, method or model files) is built again, a damaged one with a line saying so. The
+    merged directory is written whole (temp dir + rename) and the manifest, with every file's
+    checksum, last.
 
     Returns:
         The merge directories, in config order.
@@ -415,9 +417,15 @@ def build_merges(cfg: FuseConfig, overwrite: bool = False, log: Callable[[str], 
     for i, entry in enumerate(cfg.baselines.merge):
         where = f"baselines.merge[{i}]"
         art = merge_artifact(cfg, entry, where)
-        if not overwrite and art.is_complete():
-            outs.append(art.path)
-            continue
+        state = "missing" if overwrite else art.state()
+        problems = art.problems if state == "damaged" else []
+        if state == "complete":
+            problems = damage(art.path, read_manifest(art.path), full=True)
+            if not problems:
+                outs.append(art.path)
+                continue
+        if problems:
+            log(f"merge: {art.path} is damaged ({'; '.join(problems[:3])}); building it again")
         specs = [resolve_name(cfg, n, where) for n in entry["models"]]
         base = resolve_name(cfg, entry["base"], where) if entry.get("base") else None
         method = entry.get("method", "linear")
