@@ -175,10 +175,51 @@ def test_cache_without_per_block_figures_is_scored_again(tmp_path, tiny):
     evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
     for cache in (cfg.run_dir / "eval" / "cache").glob("*.json"):  # as an older lmfuse wrote them
         rec = json.loads(cache.read_text())
-        del rec["per_block"]
+        del rec["per_block"], rec[evaluate.CACHE_HASH]
         cache.write_text(json.dumps(rec))
-    doc = evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    lines = []
+    doc = evaluate.run_eval(cfg, device="cpu", log=lines.append)
     assert all("per_block" in rec for rec in doc["models"].values())
+    assert sum("cached without a checksum (by an older lmfuse): scoring it again" in x for x in lines) == 2, lines
+
+
+def test_eval_is_checksummed_and_an_edited_or_torn_cache_entry_is_scored_again(tmp_path, tiny):
+    from lmfuse.artifacts import damage, read_manifest
+
+    cfg = _cfg(tmp_path, tiny)
+    _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
+    doc = evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    out = cfg.run_dir / "eval"
+    caches = sorted((out / "cache").glob("*.json"))
+    man = read_manifest(out)
+    assert set(man["files"]) == {"results.json", "results.md", *(f"cache/{c.name}" for c in caches)}
+    assert damage(out, man, full=True) == [] and evaluate.load_results(cfg.run_dir) == json.loads(
+        (out / "results.json").read_text())
+    assert all(evaluate.CACHE_HASH not in rec for rec in doc["models"].values())
+
+    rec = json.loads(caches[0].read_text())
+    rec["overall"]["bpb"] = 0.5  # valid JSON, one figure changed
+    caches[0].write_text(json.dumps(rec))
+    caches[1].write_text(caches[1].read_text()[:40])  # torn
+    with pytest.raises(LmfuseError, match=caches[0].name) as e:
+        evaluate.load_results(cfg.run_dir)
+    assert e.value.fix.startswith("rebuild it: `lmfuse eval CONFIG`")
+    (out / ".results.json.x1.tmp").write_text("{")  # what killed writes leave
+    (out / "cache" / f".{caches[0].name}.x2.tmp").write_text("{")
+    lines = []
+    doc2 = evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    assert any(f"{caches[0].name} edited after it was written" in x for x in lines), lines
+    assert any(f"{caches[1].name} unreadable" in x for x in lines), lines
+    assert not any(x.endswith("(cached)") for x in lines), lines
+    for label, rec in doc["models"].items():
+        assert doc2["models"][label]["overall"]["bpb"] == pytest.approx(rec["overall"]["bpb"], rel=1e-9)
+        assert doc2["models"][label]["per_block"] == rec["per_block"]
+    assert not list(out.rglob("*.tmp"))
+    assert evaluate.load_results(cfg.run_dir)["models"].keys() == doc["models"].keys()
+    # Results without a manifest are an unfinished eval, not figures to report.
+    (out / "manifest.json").unlink()
+    with pytest.raises(LmfuseError, match="no complete eval artifact"):
+        evaluate.load_results(cfg.run_dir)
 
 
 def test_missing_corpus_is_blamed_on_the_flag(tmp_path, tiny):

@@ -230,8 +230,7 @@ def assert_same_as_reference(ref: Reference, run: Path, stage: str) -> None:
 
     for lab in STAGES[stage][1]:
         a, b = ref.run / lab, run / lab
-        if lab != "eval":  # eval's leftovers: test_a_killed_eval_leaves_no_temp_files
-            assert not [p for p in b.rglob("*.tmp")], f"temp files left in {lab}"
+        assert not [p for p in b.rglob("*.tmp")], f"temp files left in {lab}"
         if lab == "eval":
             ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
             assert set(ra["models"]) == set(rb["models"])
@@ -264,7 +263,7 @@ def assert_never_complete_and_broken(run: Path, stage: str) -> None:
 
     for lab in STAGES[stage][1]:
         m = read_manifest(run / lab) if (run / lab).is_dir() else None
-        if m is not None and lab != "eval":  # eval's manifest holds no checksums
+        if m is not None:
             assert damage(run / lab, m, full=True) == [], lab
 
 
@@ -323,9 +322,6 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(ref, stage, i, chain
     assert_same_as_reference(ref, run, stage)
 
 
-@pytest.mark.xfail(strict=True, reason="eval/ is no ArtifactDir: run_eval never removes the temp files that "
-                                       "a write killed in eval/ or eval/cache/ leaves (issue 9.9); fix belongs in "
-                                       "evaluate.py")
 def test_a_killed_eval_leaves_no_temp_files(ref):
     config, run = ref.copy("kill-eval-tmp", drop=DOWNSTREAM["eval"])
     last = ref.counts["eval"]["torn"]  # the last atomic write of eval: its manifest, in eval/
@@ -496,10 +492,6 @@ CONSUMER = {
     "merge/mix": (["eval", "CONFIG"], ["eval"]),
     "eval": (["report", "RUN"], []),
 }
-EVAL_NO_CHECKSUMS = ("eval writes results.json, results.md, cache/*.json and its manifest without "
-                     "checksums (evaluate.run_eval), so an edit is read as it is; fix belongs in evaluate.py")
-TRAIN_UNCHECKED = ("evaluate.default_models takes train/<kind>/ once its manifest exists and never checks the "
-                   "weights against the manifest's checksums; fix: check_artifact(..., 'train') in evaluate.py")
 # (artifact label, file in it, mutation, None | "rebuild" (the reader rebuilds it, saying so) |
 #  the reason it is not detected today: xfail)
 CORRUPTIONS = [
@@ -521,16 +513,16 @@ CORRUPTIONS = [
     ("align/src_spm", "shards/shard-00000.arrow", "swap", None),
     ("align/src_spm", "shards/shard-00001.arrow", "delete", None),
     ("align/src_spm", "manifest.json", ("edit", "aligned_fraction", 0.99), None),
-    ("train/fused", "model.safetensors", "flip", TRAIN_UNCHECKED),
-    ("train/fused", "model.safetensors", "truncate", TRAIN_UNCHECKED),
-    ("train/fused", "config.json", ("edit", "n_layer", 1), TRAIN_UNCHECKED),
-    ("train/fused", "best/model.safetensors", "flip", TRAIN_UNCHECKED),
-    ("train/fused", "manifest.json", ("edit", "metrics.final_train_loss", 0.0), TRAIN_UNCHECKED),
+    ("train/fused", "model.safetensors", "flip", None),
+    ("train/fused", "model.safetensors", "truncate", None),
+    ("train/fused", "config.json", ("edit", "n_layer", 1), None),
+    ("train/fused", "best/model.safetensors", "flip", None),
+    ("train/fused", "manifest.json", ("edit", "metrics.final_train_loss", 0.0), None),
     ("merge/mix", "model.safetensors", "flip", "rebuild"),
     ("merge/mix", "model.safetensors", "truncate", "rebuild"),
-    ("eval", "results.json", ("edit", "blocks", 1), EVAL_NO_CHECKSUMS),
-    ("eval", "cache/CACHE", ("edit", "overall.bpb", 0.5), EVAL_NO_CHECKSUMS),
-    ("eval", "manifest.json", ("edit", "seconds", 0.5), EVAL_NO_CHECKSUMS),
+    ("eval", "results.json", ("edit", "blocks", 1), None),
+    ("eval", "cache/CACHE", ("edit", "overall.bpb", 0.5), None),
+    ("eval", "manifest.json", ("edit", "seconds", 0.5), None),
 ]
 
 
@@ -601,7 +593,7 @@ def test_run_repairs_what_its_size_check_finds_and_the_printed_command_repairs_t
     rc, err = cli([str(config) if a == "CONFIG" else a for a in fix.split()[1:]], capsys)
     assert rc == 0, err[-3000:]
     rc, out = cli(["verify", str(run)], capsys, stream="out")
-    assert rc == 0 and "unchecked  eval" in out, out
+    assert rc == 0 and "ok         eval: " in out, out
     assert_same_as_reference(ref, run, "extract")
     assert_same_as_reference(ref, run, "train_clm")
     for lab in ("vocab_map/src_wp", "align/src_wp"):

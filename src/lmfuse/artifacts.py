@@ -211,8 +211,8 @@ def regenerate_command(path: str | Path, stage: str | None = None) -> str:
         return "lmfuse train CONFIG" + (" --control" if name == "clm" else "") + " --overwrite"
     if stage == "merge":  # eval rebuilds a merge that is missing (not one whose manifest still vouches for it)
         return f"rm -r {path} && lmfuse eval CONFIG"
-    if stage == "eval" or path.name == "eval":
-        return "lmfuse eval CONFIG --overwrite"
+    if stage == "eval" or path.name == "eval":  # eval rescores damaged cache entries and rewrites its results
+        return "lmfuse eval CONFIG"
     return "lmfuse run CONFIG --overwrite"
 
 
@@ -230,18 +230,24 @@ def content_files(path: str | Path) -> list[Path]:
     return out
 
 
-def file_records(path: str | Path) -> dict[str, dict]:
-    """{relative path: {size, sha256}} of an artifact's content files (`content_files`)."""
+def file_records(path: str | Path, files: Iterable[str | Path] | None = None) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of an artifact's content files (`content_files`), or of
+    just `files` (paths inside `path`)."""
     path = Path(path)
-    return {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in content_files(path)}
+    chosen = content_files(path) if files is None else [path / f for f in files]
+    return {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in chosen}
+
+
+def record_hash(record: dict, key: str = SELF_HASH) -> str:
+    """sha256 of a JSON record's fields other than `key` (its own checksum), as JSON would store them."""
+    fields = {k: v for k, v in record.items() if k != key}
+    text = json.dumps(_finite(fields), sort_keys=True, default=str, allow_nan=False)
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def manifest_hash(manifest: dict) -> str:
     """sha256 of a manifest's fields other than `SELF_HASH`, as JSON would store them."""
-    fields = {k: v for k, v in manifest.items() if k != SELF_HASH}
-    text = json.dumps(_finite(fields), sort_keys=True, default=str, allow_nan=False)
-    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return record_hash(manifest, SELF_HASH)
 
 
 def manifest_problem(manifest: dict) -> str | None:

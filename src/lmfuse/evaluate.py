@@ -11,6 +11,12 @@ under `RUN/eval/cache/`, keyed by the model's fingerprint and the data's hash, s
 model to a finished evaluation evaluates only that model. Each model's record keeps its
 per-block figures (`per_block`: block ids, domains, NLL, tokens, bytes) so that two models can
 be compared block by block (`lmfuse.stats.paired_bootstrap`, used by the report).
+
+Figures are never taken on trust: the trained models are checked against their manifest's
+checksums (`best/` included) before anything reads them; each cache entry carries the checksum
+of its own fields (`CACHE_HASH`), and one that does not match is scored again; and eval's
+manifest, written last, records the sha256 of `results.json`, `results.md` and every cache entry
+it used, so `lmfuse verify` and the report (`load_results`) find an edited figure.
 """
 
 from __future__ import annotations
@@ -22,14 +28,26 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmfuse import baselines
-from lmfuse.artifacts import atomic_write_bytes, atomic_write_json, hash_obj, read_json
+from lmfuse import __version__, baselines
+from lmfuse.artifacts import (
+    MANIFEST,
+    SELF_HASH,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_artifact,
+    file_records,
+    hash_obj,
+    manifest_hash,
+    read_json,
+    record_hash,
+)
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
 from lmfuse.modelspec import EvalModel, dir_spec, fingerprint, hf_model_dir, safe_name
 
 LN2 = math.log(2.0)
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
+CACHE_HASH = "record_sha256"  # a cache entry's checksum of its own other fields
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -167,9 +185,24 @@ def summarize(rows: Sequence[tuple[float, int, int]], domains: Sequence[str]) ->
 
 
 # -- models to evaluate ------------------------------------------------------------------------
+def check_trained(cfg: FuseConfig) -> None:
+    """Check every finished training artifact's files (weights, config, tokenizer, `best/`)
+    against its manifest's checksums, before eval or a merge reads them.
+
+    Raises:
+        LmfuseError: a file is missing or changed, or the manifest was edited (the error names
+            the file and the command that rebuilds the model).
+    """
+    for kind in ("fused", "clm"):
+        path = cfg.run_dir / "train" / kind
+        if (path / MANIFEST).exists():
+            check_artifact(path, "train", full=True)
+
+
 def default_models(cfg: FuseConfig) -> list[EvalModel]:
     """Target, every source, `train/fused`, `train/clm` (when present; `@best` too with
-    `train.keep_best`), and configured baselines."""
+    `train.keep_best`), and configured baselines. Their files are not read here: `check_trained`
+    checks the trained ones first."""
     run = cfg.run_dir
     out = [EvalModel(cfg.target.name, "target", cfg.target)]
     out += [EvalModel(s.name, "source", s) for s in cfg.sources]
@@ -279,6 +312,52 @@ def load_eval_model(m: EvalModel, dtype: str | None, device: str) -> tuple[Any, 
     return load_model(m.spec, dtype=dtype, device=device), load_tokenizer(m.spec)
 
 
+# -- the cache and the artifact ------------------------------------------------------------------
+def read_cached(path: Path) -> tuple[dict | None, str | None]:
+    """A cache entry whose checksum of its own fields holds, or (None, why it cannot be used).
+
+    An entry that is missing gives (None, None); one that is unreadable, edited, or written by an
+    older lmfuse (no checksum, or no per-block figures) gives its reason, and is scored again.
+    """
+    try:
+        rec = read_json(path)
+    except LmfuseError as e:
+        return None, f"unreadable ({e.what})"
+    if rec is None:
+        return None, None
+    if not isinstance(rec, dict) or CACHE_HASH not in rec:
+        return None, "cached without a checksum (by an older lmfuse)"
+    if rec[CACHE_HASH] != record_hash(rec, CACHE_HASH):
+        return None, "edited after it was written (its checksum of its own fields differs)"
+    if "per_block" not in rec:
+        return None, "cached without per-block figures"
+    return rec, None
+
+
+def remove_temp_files(out_dir: Path) -> None:
+    """Remove the temp files a killed eval left in `eval/` and `eval/cache/` (under the run lock,
+    no other eval of this run is writing them)."""
+    for d in (out_dir, out_dir / "cache"):
+        for tmp in d.glob(".*.tmp") if d.is_dir() else ():
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
+def load_results(run_dir: str | Path) -> dict | None:
+    """`RUN/eval/results.json` once eval's files check out against its manifest, or None when eval
+    has not run (the report, the sweep and the experiments read it).
+
+    Raises:
+        LmfuseError: eval did not finish (results without a manifest), or a file it vouches for
+            (results, a cache entry) or the manifest itself was changed; the error names the file.
+    """
+    path = Path(run_dir) / "eval"
+    if not (path / "results.json").exists() and not (path / MANIFEST).exists():
+        return None
+    check_artifact(path, "eval", full=True)  # a manifest of an older lmfuse records no files: read as it is
+    return read_json(path / "results.json")
+
+
 # -- run ---------------------------------------------------------------------------------------
 def per_block(rows: Sequence[tuple[float, int, int]], blocks: Sequence[dict]) -> dict[str, list]:
     """Per-block figures of one model, column-wise, in the order of `blocks`.
@@ -363,6 +442,7 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
     blocks, data_hash = load_blocks(data_cfg)
     chosen = select_blocks(blocks, split)
     if models is None:
+        check_trained(cfg)  # before a merge or eval reads the trained weights
         baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
         entries = _as_eval_models([*default_models(cfg), *extra])
     else:
@@ -372,18 +452,20 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
 
     out_dir = data_cfg.run_dir / "eval"
     cache_dir = out_dir / "cache"
+    remove_temp_files(out_dir)
     texts = [b["text"] for b in chosen]
     domains = [b["domain"] for b in chosen]
     log(f"eval: {len(entries)} model(s) on {len(chosen)} {'' if split == 'all' else split + ' '}blocks "
         f"({len(set(domains))} domain(s)) on {device} -> {out_dir}")
     results: dict[str, Any] = {}
+    used: list[Path] = []  # the cache entries behind the results, recorded in the manifest
     for m in entries:
         key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, split, cfg.eval.dtype,
                         [b["block_id"] for b in chosen]])
         cache = cache_dir / f"{safe_name(m.label)}-{key}.json"
-        rec = None if overwrite else read_json(cache)
-        if rec is not None and "per_block" not in rec:
-            rec = None  # cached before per-block figures were kept: score again
+        rec, why = (None, None) if overwrite else read_cached(cache)
+        if why:
+            log(f"  {m.label}: cache entry {cache.name} {why}: scoring it again")
         cached = rec is not None
         if rec is None:
             t = time.time()
@@ -396,7 +478,10 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
             if not all(math.isfinite(r[0]) for r in rows):
                 # NaN/inf weights or logits: flagged, and written as null (results.json stays valid JSON).
                 rec["non_finite"] = True
+            rec[CACHE_HASH] = record_hash(rec, CACHE_HASH)
             atomic_write_json(cache, rec)
+        used.append(cache)
+        rec = {k: v for k, v in rec.items() if k != CACHE_HASH}
         bpb = rec["overall"].get("bpb")
         if rec.get("non_finite") or bpb is None:
             log(f"  {m.label}: NOT FINITE: its NLL is NaN or infinite on some blocks (check the model's weights; "
@@ -407,14 +492,20 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
 
     doc = {"split": split, "corpus": str(data_cfg.corpus.path), "data_hash": data_hash, "blocks": len(chosen),
            "domains": sorted(set(domains)), "models": results}
+    # The old manifest goes first: killed from here on, no manifest vouches for half-replaced results.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     atomic_write_json(out_dir / "results.json", doc)
     table = results_table(doc)
     atomic_write_bytes(out_dir / "results.md", (table + "\n").encode())
-    atomic_write_json(out_dir / "manifest.json", {
-        "stage": "eval", "seconds": round(time.time() - t0, 3),
+    manifest = {
+        "stage": "eval", "lmfuse_version": __version__, "seconds": round(time.time() - t0, 3),
         "model_seconds": sum(r.get("seconds", 0.0) for r in results.values()),
         "models": list(results), "data_hash": data_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+        "files": file_records(out_dir, ["results.json", "results.md",
+                                        *sorted({str(c.relative_to(out_dir)) for c in used})]),
+    }
+    manifest[SELF_HASH] = manifest_hash(manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     log(table)
     log(f"eval done in {time.time() - t0:.1f} s -> {out_dir / 'results.json'}")
     return doc
@@ -449,8 +540,3 @@ def results_table(doc: dict) -> str:
         cells.append(f"**{o['bpb']:.4f}** ({o['ppl']:.2f})" if o["bpb"] == best else f"{o['bpb']:.4f} ({o['ppl']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def load_results(run_dir: str | Path) -> dict | None:
-    """`RUN/eval/results.json`, or None when eval has not run (the sweep and the experiments read it)."""
-    return read_json(Path(run_dir) / "eval" / "results.json")

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmfuse.artifacts import atomic_write_bytes, read_json
 from lmfuse.document import Document
-from lmfuse.evaluate import CONTROL, display_label
+from lmfuse.evaluate import CONTROL, display_label, load_results
 from lmfuse.stats import Interval, paired_bootstrap
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -495,7 +495,7 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     doc = Document()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
-    results = read_json(run_dir / "eval" / "results.json")
+    results = load_results(run_dir)  # checked against eval's manifest: an edited figure is refused
     broken = []
     if results and results.get("models"):
         # A model whose NLL is NaN/inf (null in results.json) is named, and left out of every comparison.

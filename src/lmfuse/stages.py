@@ -278,8 +278,6 @@ def verify_run(run_dir: str | Path) -> list[Check]:
                 stale.append(f"made from another {up} (key {key}, now {upm.get('key')})")
         if stale:
             checks.append(Check(lab, "stale", "; ".join(stale), cmd))
-        elif "files" not in m and stage == "eval":
-            checks.append(Check(lab, "unchecked", "eval records no checksums of its results and cache", cmd))
         elif "files" not in m:
             checks.append(Check(lab, "unchecked", "no checksums (made by an older lmfuse): rebuild it to check it",
                                 cmd))

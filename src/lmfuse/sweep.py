@@ -473,9 +473,10 @@ def _eval_models(cfg) -> list:
     path, a control shared by several runs is the same model to the cache, and scored once.
     """
     from lmfuse import baselines
-    from lmfuse.evaluate import default_models
+    from lmfuse.evaluate import check_trained, default_models
 
-    baselines.build_merges(cfg)  # as run_eval does before listing the default models
+    check_trained(cfg)  # as run_eval does before building merges and listing the default models
+    baselines.build_merges(cfg)
     out = []
     for m in default_models(cfg):
         if m.kind in ("fused", "clm") and m.spec is not None:
