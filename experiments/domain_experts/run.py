@@ -405,6 +405,16 @@ def step_sweep(settings: Settings, out: Path, log: Log) -> dict:
 
 
 # -- step 4: the table -------------------------------------------------------------------------
+def best_record(run: dict, kind: str, cache: Path, log: Log) -> dict | None:
+    """The held-out record of a run's `best/` checkpoint: `lmfuse eval` scores it as `<kind>@best`
+    (`train.keep_best`); runs evaluated before eval did so are scored here (`common.score_best`)."""
+    rec = run["models"].get(f"{kind}@best")
+    if rec is None:
+        return score_best(run["dir"], kind, cache, log)
+    state = run["dir"] / "train" / kind / "best" / "best_state.json"
+    return {**rec, "step": json.loads(state.read_text()).get("step") if state.exists() else None}
+
+
 def collect(settings: Settings, out: Path, log: Log) -> dict:
     """Every figure of the table from the sweep's runs (and the best checkpoints, scored here)."""
     from lmfuse.evaluate import load_results
@@ -438,7 +448,7 @@ def collect(settings: Settings, out: Path, log: Log) -> dict:
     for seed in settings.seeds:  # the control is shared by the variants (fusion options do not enter it)
         r = runs[first_variant][seed]
         doc["control"][seed] = domain_bpb(r["models"]["clm"], doms)
-        best = score_best(r["dir"], "clm", cache, log)
+        best = best_record(r, "clm", cache, log)
         if best:
             doc["control_best"][seed] = domain_bpb(best, doms)
             doc["best_steps"][f"control-s{seed}"] = best["step"]
@@ -455,7 +465,7 @@ def collect(settings: Settings, out: Path, log: Log) -> dict:
             doc["vs_control"][name][seed] = diff_ci(fused, clm, doms)
             fused_recs.append(fused)
             clm_recs.append(clm)
-            fb, cb = score_best(r["dir"], "fused", cache, log), score_best(r["dir"], "clm", cache, log)
+            fb, cb = best_record(r, "fused", cache, log), best_record(r, "clm", cache, log)
             if fb and cb:
                 doc["fused_best"][name][seed] = domain_bpb(fb, doms)
                 doc["vs_control_best"][name][seed] = diff_ci(fb, cb, doms)
@@ -577,9 +587,8 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
         steps = ", ".join(f"{k} {v}" for k, v in doc["best_steps"].items())
         lines += ["## At the best validation checkpoint", "",
                   "Control and fused models at the step with their lowest validation loss (`train.keep_best`: "
-                  "`train/<fused|clm>/best/`); the other columns do not change. `lmfuse eval` does not score "
-                  "`best/` checkpoints: this script scored them with `lmfuse.evaluate.block_nll` on the same "
-                  f"held-out blocks and dtype. Best steps: {steps}.", "",
+                  "`train/<fused|clm>/best/`), scored by `lmfuse eval` as `fused@best` and `clm@best` on the same "
+                  f"held-out blocks and dtype; the other columns do not change. Best steps: {steps}.", "",
                   *main_table(doc["control_best"], doc["fused_best"], " @best"), ""]
     lines += ["## Fused − control (same seed)", "",
               "Bits per byte, below zero = fused is better, with the 95% paired bootstrap interval over held-out "
