@@ -223,3 +223,22 @@ def test_a_killed_holder_leaves_no_stuck_lock_and_the_lock_is_reentrant(tmp_path
         child = subprocess.run([sys.executable, "-c", HOLDER, str(run)], input="", capture_output=True,
                                text=True)
         assert child.returncode != 0 and "another lmfuse process is writing" in child.stderr
+
+
+def test_library_train_and_eval_take_the_lock_too(tmp_path, make_config):
+    """`lmfuse.train.run_train` and `lmfuse.evaluate.run_eval`, called as a library (sweeps and the
+    experiment drivers do), refuse a run directory another process writes into, before any work."""
+    from lmfuse.config import load_config
+    from lmfuse.evaluate import run_eval
+    from lmfuse.train import run_train
+
+    cfg = load_config(make_config())
+    proc = _holder(cfg.run_dir)
+    try:
+        for call in (lambda: run_train(cfg, control=True), lambda: run_eval(cfg)):
+            with pytest.raises(LmfuseError, match=f"pid {proc.pid}"):
+                call()
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    assert not (cfg.run_dir / "train").exists() and not (cfg.run_dir / "eval").exists()

@@ -430,6 +430,14 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
     Returns:
         The results object written to `results.json`.
     """
+    from lmfuse.lock import run_lock
+
+    with run_lock(cfg.run_dir):  # one writer per run directory; re-entrant under `run`
+        return _run_eval(cfg, models, overwrite, device, extra, corpus, log)
+
+
+def _run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None, overwrite: bool, device: str | None,
+              extra: Sequence[tuple[str, Any]], corpus: str | Path | None, log: Callable[[str], Any]) -> dict:
     from lmfuse.parallel import device as default_device
 
     t0 = time.time()

@@ -290,7 +290,17 @@ def run_train(cfg: FuseConfig, control: bool = False, overwrite: bool = False) -
 
     Returns:
         The manifest (with final metrics).
+
+    Raises:
+        LmfuseError: another process writes into the run directory (`lmfuse.lock`), or a bad input.
     """
+    from lmfuse.lock import run_lock
+
+    with run_lock(cfg.run_dir):  # one writer per run directory; re-entrant under `run`
+        return _run_train(cfg, control, overwrite)
+
+
+def _run_train(cfg: FuseConfig, control: bool, overwrite: bool) -> dict:
     check_train_config(cfg, control)
     art = artifact(cfg, control, overwrite)
     if art.is_complete():
