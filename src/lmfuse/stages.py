@@ -282,5 +282,5 @@ def verify_run(run_dir: str | Path) -> list[Check]:
             checks.append(Check(lab, "unchecked", "no checksums (made by an older lmfuse): rebuild it to check it",
                                 cmd))
         else:
-            checks.append(Check(lab, "ok", f"{len(m['files'])} files"))
+            checks.append(Check(lab, "ok", f"{len(m['files'])} file{'' if len(m['files']) == 1 else 's'}"))
     return checks
