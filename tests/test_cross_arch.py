@@ -49,12 +49,23 @@ def test_tiny_chain_writes_the_table(tmp_path):
             assert lo <= diff <= hi
             assert diff == pytest.approx(r["fused"][col] - r["control"][col], abs=1e-9)
         assert "vs_control_best" in r
+    # a variant run with several seeds gets one pooled row: seed means and the seed-averaged interval
+    (pooled,) = doc["pooled"]
+    assert pooled["variant"] == "baseline" and pooled["seeds"] == [0, 1]
+    seeds = [runs["baseline-s0"], runs["baseline-s1"]]
+    for col in ("code", "legal", "average", "fortunes"):
+        assert pooled["fused"][col] == pytest.approx(sum(r["fused"][col] for r in seeds) / 2, abs=1e-12)
+        diff, lo, hi = pooled["vs_control"][col]
+        assert lo <= diff <= hi
+        assert diff == pytest.approx(sum(r["vs_control"][col][0] for r in seeds) / 2, abs=1e-3)
+        assert 0 <= pooled["below_zero"][col] <= 2
     # each part's own sweep table is kept, and the combined table names every column
     for part in ("screen", "epochs", "confirm"):
         assert (out / f"{part}.md").exists()
     table = (out / "cross_arch.md").read_text()
     assert "| model | code | legal | average | fortunes |" in table
     assert "## At the best validation checkpoint" in table
+    assert "| `baseline` | 0, 1 |" in table
 
     # a second run finds everything complete and writes the same table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

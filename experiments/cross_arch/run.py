@@ -60,9 +60,12 @@ from common import (  # noqa: E402
     fmt,
     jsonable,
     log_line,
+    mean_std,
     read_domain,
     run_steps,
     same_blocks,
+    seed_mean_record,
+    signed,
     train_steps,
     write_if_changed,
     write_jsonl,
@@ -352,7 +355,9 @@ def _results(run_dir: Path) -> dict | None:
 def collect(settings: Settings, out: Path, parts: Sequence[str], log: Log) -> dict:
     """Every finished run of the parts: bits per byte, fused − control, gap to the source closed."""
     doms, trained = settings.all_domains, settings.domains
-    doc: dict[str, Any] = {"domains": doms, "trained": trained, "fixed": {}, "runs": [], "missing": []}
+    doc: dict[str, Any] = {"domains": doms, "trained": trained, "fixed": {}, "runs": [], "missing": [],
+                           "pooled": []}
+    recs: dict[str, list[dict]] = {}  # variant -> per seed: the eval records of its fused and control models
     for part_name in parts:
         part = settings.parts[part_name]
         for variant in part.variants:
@@ -386,13 +391,33 @@ def collect(settings: Settings, out: Path, parts: Sequence[str], log: Log) -> di
     for col in list(doc["fixed"]):
         rec = doc["fixed"][col].pop("rec")
         doc["fixed"][col]["bpb"] = domain_bpb(rec, trained) | _one(rec, settings.unseen)
+    doc["pooled"] = [_pooled(v, rs, settings) for v, rs in recs.items() if len(rs) > 1]
     src = doc["fixed"].get("source", {}).get("bpb")
-    for entry in doc["runs"]:
+    for entry in doc["runs"] + doc["pooled"]:
         for when in ("", "_best"):
             if f"fused{when}" in entry and src:
                 entry[f"gap_closed{when}"] = {d: _gap(entry[f"control{when}"][d], entry[f"fused{when}"][d], src[d])
                                               for d in LEADS if d in trained}
     return doc
+
+
+def _pooled(variant: str, rs: list[dict], settings: Settings) -> dict:
+    """A variant over its seeds: mean bits per byte, the std over seeds of fused − control, and the
+    interval of the seed-averaged difference (per-block NLL averaged over seeds, then bootstrapped)."""
+    first = rs[0]["entry"]
+    out: dict[str, Any] = {"part": first["part"], "variant": variant, "set": first["set"],
+                           "seeds": [r["entry"]["seed"] for r in rs], "run": f"{variant}-mean"}
+    for when in ("", "_best"):
+        if any(r[f"fused{when}"] is None for r in rs):
+            continue
+        cols = rs[0]["entry"][f"vs_control{when}"]
+        out[f"fused{when}"] = {c: float(sum(r["entry"][f"fused{when}"][c] for r in rs) / len(rs)) for c in cols}
+        out[f"control{when}"] = {c: float(sum(r["entry"][f"control{when}"][c] for r in rs) / len(rs)) for c in cols}
+        out[f"vs_control{when}"] = _diffs(seed_mean_record([r[f"fused{when}"] for r in rs]),
+                                          seed_mean_record([r[f"control{when}"] for r in rs]), settings)
+        out[f"std{when}"] = {c: mean_std([r["entry"][f"vs_control{when}"][c][0] for r in rs])[1] for c in cols}
+        out[f"below_zero{when}"] = {c: sum(r["entry"][f"vs_control{when}"][c][2] < 0 for r in rs) for c in cols}
+    return out
 
 
 def _best_step(run_dir: Path, kind: str) -> int | None:
@@ -463,6 +488,19 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             gap_txt = ", ".join(f"{g:.0%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
             lines.append(f"| `{r['variant']}` | {r['seed']} | "
                          + " | ".join(ci_text(r[f"vs_control{when}"][c]) for c in cols) + f" | {gap_txt} |")
+        pooled = [p for p in doc.get("pooled", []) if f"vs_control{when}" in p]
+        if pooled:
+            lines += ["", "### Over seeds: mean ± std of fused − control, interval of the seed-averaged difference",
+                      "", "| variant | seeds | " + " | ".join(cols) + " | gap closed: " + ", ".join(LEADS) + " |",
+                      "|---|---|" + "---:|" * (len(cols) + 1)]
+            for p in pooled:
+                gaps = p.get(f"gap_closed{when}", {})
+                gap_txt = ", ".join(f"{g:.0%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
+                cells = [f"{signed(p[f'vs_control{when}'][c][0])} ± {p[f'std{when}'][c]:.4f} "
+                         f"[{signed(p[f'vs_control{when}'][c][1])}, {signed(p[f'vs_control{when}'][c][2])}]"
+                         for c in cols]
+                lines.append(f"| `{p['variant']}` | {', '.join(map(str, p['seeds']))} | " + " | ".join(cells)
+                             + f" | {gap_txt} |")
         lines.append("")
     lines += ["## Goal check (best checkpoints)", ""]
     for r in doc["runs"]:
@@ -473,8 +511,16 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
         gaps = r.get("gap_closed_best", {})
         quarter = [x for x in LEADS if math.isfinite(gaps.get(x, math.nan)) and gaps[x] >= 0.25]
         lines.append(f"- `{r['variant']}` s{r['seed']}: beats the control with the CI below zero on "
-                     f"{', '.join(wins) or 'none'} of {', '.join(LEADS)}; closes ≥ 25% of the gap to "
-                     f"{settings.source_name} on {', '.join(quarter) or 'none'}.")
+                     f"{', '.join(wins) or 'neither'} (of {', '.join(LEADS)}); closes ≥ 25% of the gap to "
+                     f"{settings.source_name} on {', '.join(quarter) or 'neither'}.")
+    for p in doc.get("pooled", []):
+        if "vs_control_best" not in p:
+            continue
+        d, below = p["vs_control_best"], p["below_zero_best"]
+        gaps = p.get("gap_closed_best", {})
+        parts = [f"{x}: {signed(d[x][0])} [{signed(d[x][1])}, {signed(d[x][2])}], CI below zero in {below[x]} of "
+                 f"{len(p['seeds'])} seeds, gap closed {gaps.get(x, math.nan):.0%}" for x in LEADS if x in d]
+        lines.append(f"- `{p['variant']}` over seeds {', '.join(map(str, p['seeds']))}: " + "; ".join(parts) + ".")
     if doc["missing"]:
         lines += ["", f"Not finished yet: {', '.join(doc['missing'])}."]
     lines += ["", "Variants (each changes the baseline by the keys shown):", ""]
