@@ -388,6 +388,8 @@ def collect(settings: Settings, out: Path, parts: Sequence[str], log: Log) -> di
                               "vs_control_best": _diffs(fb, cb, settings),
                               "best_steps": {"fused": _best_step(run_dir, "fused"), "control": _best_step(run_dir, "clm")}}
                 doc["runs"].append(entry)
+                recs.setdefault(variant["name"], []).append({"entry": entry, "fused": fused, "control": clm,
+                                                             "fused_best": fb, "control_best": cb})
     for col in list(doc["fixed"]):
         rec = doc["fixed"][col].pop("rec")
         doc["fixed"][col]["bpb"] = domain_bpb(rec, trained) | _one(rec, settings.unseen)

@@ -35,7 +35,7 @@ def demo_config(output_dir: str | Path, quick: bool = False) -> dict:
         "vocab_map": {"method": "retokenize"},
         "align": {"method": "offsets"},
         "train": {"fusion": "minCE", "level": "sequence", "quality": "nll_per_byte", "include_target": True,
-                  "clm_weight": 0.9, "learning_rate": 2e-5, "batch_size": 1, "grad_accum": 2, "epochs": 1,
+                  "clm_weight": 0.9, "learning_rate": 1e-4, "batch_size": 1, "grad_accum": 2, "epochs": 1,
                   "warmup_ratio": 0.1, "precision": "bfloat16", "control": True,
                   "eval_every": 0 if quick else 15},
         "eval": {"batch_size": 4},
