@@ -61,7 +61,8 @@ def test_tiny_chain_writes_the_table(tmp_path):
         assert 0 <= pooled["below_zero"][col] <= 2
     # each part's own sweep table is kept, and the combined table names every column
     for part in ("screen", "epochs", "confirm"):
-        assert (out / f"{part}.md").exists()
+        md = (out / f"{part}.md").read_text()
+        assert f"]({part}_sweep_vs_control.png)" in md and (out / f"{part}_sweep_vs_control.png").exists()
     table = (out / "cross_arch.md").read_text()
     assert "| model | code | legal | average | fortunes |" in table
     assert "## At the best validation checkpoint" in table

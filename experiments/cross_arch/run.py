@@ -341,8 +341,13 @@ def step_sweep(settings: Settings, out: Path, parts: Sequence[str], log: Log) ->
         t0 = time.time()
         log(f"sweep: part {name}: {len(part.variants)} variants × seeds {part.seeds}")
         run_sweep_file(path, log=log)
-        for ext in ("md", "json"):
-            shutil.copyfile(out / "sweep" / f"sweep.{ext}", out / f"{name}.{ext}")
+        # the part's own table and plots (the next part's sweep rewrites sweep.md and its plots)
+        shutil.copyfile(out / "sweep" / "sweep.json", out / f"{name}.json")
+        md = (out / "sweep" / "sweep.md").read_text()
+        for png in sorted((out / "sweep").glob("sweep_*.png")):
+            shutil.copyfile(png, out / f"{name}_{png.name}")
+            md = md.replace(f"]({png.name})", f"]({name}_{png.name})")
+        (out / f"{name}.md").write_text(md.replace("](runs/", "](sweep/runs/"))
         log(f"sweep: part {name} done in {(time.time() - t0) / 60:.1f} min -> {out / f'{name}.md'}")
 
 
