@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 N_BOOT, BOOT_SEED = 10_000, 0  # as lmfuse.sweep, so per-domain intervals equal the sweep's
 LN2 = math.log(2.0)
@@ -53,6 +54,34 @@ class Tee(io.TextIOBase):
 
     def fileno(self) -> int:
         return self.stream.fileno()
+
+
+def read_settings(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A settings file's keys, with `extends: FILE` (relative to it) resolved.
+
+    The file's keys override the base file's: a mapping (`fusion_train`, `eval`, …) key by key,
+    anything else (lists included) whole. Bases may extend further bases.
+    """
+    path = path.resolve()
+    if path in seen:
+        raise SystemExit(f"{seen[-1]}: `extends` makes a cycle through {path}; remove one of them")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{path}: a settings file is a mapping of keys, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base_file = path.parent / str(parent)
+    if not base_file.is_file():
+        raise SystemExit(f"{path}: `extends: {parent}` names no file ({base_file}); the path is relative "
+                         f"to the settings file")
+    merged = read_settings(base_file, (*seen, path))
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def log_line(msg: str) -> None:

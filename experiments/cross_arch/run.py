@@ -23,8 +23,9 @@ Steps (each skips what is complete; rerun the same command to resume):
          table is copied to OUT/<part>.md.
   table  OUT/cross_arch.md and cross_arch.json: every finished run of the parts asked for.
 
-Settings: real.yaml (default) or tiny.yaml next to this file, or --settings FILE. This script
-reads ../shared/corpora and Debian's `fortunes` package (apt-get download); lmfuse does not.
+Settings: real.yaml (default) or tiny.yaml next to this file, or --settings FILE (which may
+`extends: OTHER.yaml`, relative to it: mappings merge key by key, anything else replaces). This
+script reads ../shared/corpora and Debian's `fortunes` package (apt-get download); lmfuse does not.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from common import (  # noqa: E402
     log_line,
     mean_std,
     read_domain,
+    read_settings,
     run_steps,
     same_blocks,
     seed_mean_record,
@@ -121,7 +123,7 @@ class Settings(BaseModel):
 
 
 def load_settings(path: Path) -> Settings:
-    return Settings.model_validate(yaml.safe_load(path.read_text()))
+    return Settings.model_validate(read_settings(path))
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ Steps (each skips what is complete; rerun the same command to resume):
   table    OUT/table7.md (and table7.json).
 
 Progress goes to the terminal and to OUT/run.log. Settings: real.yaml (default) or tiny.yaml
-next to this file, or --settings FILE. This script reads ../shared/corpora; lmfuse does not.
+next to this file, or --settings FILE (which may `extends: OTHER.yaml`, relative to it: mappings
+merge key by key, anything else replaces). This script reads ../shared/corpora; lmfuse does not.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from common import (  # noqa: E402
     log_line,
     mean_std,
     read_domain,
+    read_settings,
     run_steps,
     same_blocks,
     score_best,
@@ -120,7 +122,7 @@ class Settings(BaseModel):
 
 
 def load_settings(path: Path) -> Settings:
-    return Settings.model_validate(yaml.safe_load(path.read_text()))
+    return Settings.model_validate(read_settings(path))
 
 
 # -- logging -----------------------------------------------------------------------------------
