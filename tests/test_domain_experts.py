@@ -48,6 +48,7 @@ def test_tiny_chain_writes_the_table(tmp_path):
     assert {*DOMAINS, "**average**"} <= rows
     assert "## At the best validation checkpoint" in table
     assert "## Fused − control (same seed)" in table
+    assert "### Fused − ensemble, end of the budget" in table and "### Fused @best − merge (linear)" in table
     # the intervals recomputed by the script are the sweep's own
     assert "intervals: 0.00e+00" in table
 
