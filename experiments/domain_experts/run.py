@@ -443,7 +443,7 @@ def collect(settings: Settings, out: Path, log: Log) -> dict:
     cache = out / "best_eval"
     doc: dict[str, Any] = {"domains": doms, "seeds": settings.seeds, "fixed": {}, "control": {}, "fused": {},
                            "control_best": {}, "fused_best": {}, "vs_control": {}, "vs_control_best": {},
-                           "best_steps": {}, "vs_fixed": {}, "vs_fixed_best": {}}
+                           "best_steps": {}}
     # fused − each of the rows the goal names as the ones to beat, besides the control
     refs = {"ensemble": models[lab["ensemble"]], "merge (linear)": models[lab["merge_linear"]]}
     for key in ("vs_fixed", "vs_fixed_best"):
