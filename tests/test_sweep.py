@@ -244,6 +244,17 @@ def test_the_example_sweep_checks_out():
     assert {r.cfg.train.eval_every for r in runs} == {0}
 
 
+def test_the_demo_defaults_sweep_checks_out():
+    """experiments/demo_defaults/sweep.yaml: the demo's config with the cross-architecture winner's options."""
+    from lmfuse.sweep import build_runs
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "demo_defaults" / "sweep.yaml"
+    (run,) = build_runs(load_sweep(path))
+    t = run.cfg.train
+    assert (t.clm_weight, t.outside_topk, t.include_target, t.epochs, t.keep_best) == (0.5, "rest", False, 2, True)
+    assert run.cfg.extract.top_k == 64 and run.cfg.target.path == "pull:smollm2-135m-instruct"
+
+
 # -- pieces ------------------------------------------------------------------------------------
 def test_grid_variants_are_the_product_named_by_their_values():
     vs = grid_variants({"train.fusion": ["minCE", "avgCE"], "train.clm_weight": [0.9, 0.5],
