@@ -130,6 +130,23 @@ def test_write_errors_say_what_and_how_to_fix(tmp_path, monkeypatch, code, advic
     assert not list((tmp_path / "x").iterdir())  # no temp file left behind
 
 
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),  # no file named
+                                   ValueError("I/O error: No space left on device (os error 28)")])  # Rust's
+def test_a_model_save_that_fills_the_disk_names_the_directory_being_written(tmp_path, error):
+    from lmfuse.checkpoint import BEST_DIR, save_best
+
+    class Full:
+        def save_pretrained(self, out, **k):
+            raise error
+
+    with pytest.raises(LmfuseError) as e:
+        save_best(Full(), Full(), tmp_path, step=7, eval_loss=1.0)
+    text = str(e.value)
+    assert "best weights (step 7)" in text and "free disk space" in text
+    assert f"where: {tmp_path / ('.tmp-' + BEST_DIR)}" in text
+    assert not (tmp_path / BEST_DIR).exists()  # nothing half-written took the best model's place
+
+
 def test_an_artifact_path_that_is_a_file_is_reported(tmp_path):
     (tmp_path / "prepare").write_text("not a directory")
     with pytest.raises(LmfuseError, match="is a file"):

@@ -441,7 +441,7 @@ def test_full_disk_and_io_errors_fail_clearly_and_a_rerun_recovers(ref, stage, m
 def test_a_rust_library_s_full_disk_error_exits_2_with_advice():
     from safetensors import SafetensorError
 
-    from lmfuse.cli import wrapped_os_error
+    from lmfuse.artifacts import wrapped_os_error
 
     e = wrapped_os_error(SafetensorError('Error while serializing: I/O error: No space left on device '
                                          '(os error 28) at path "/run/x.safetensors"'))

@@ -19,10 +19,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,42 @@ def os_error(e: OSError, path: str | Path, doing: str = "write") -> LmfuseError:
     }
     return LmfuseError(f"cannot {doing}: {reason}", where=str(getattr(e, "filename", None) or path),
                        fix=fixes.get(e.errno, "check the path and its permissions, then rerun"))
+
+
+def wrapped_os_error(e: Exception) -> OSError | None:
+    """The OS error inside a library's own exception, or None.
+
+    Rust libraries (safetensors, tokenizers) report a full disk as their own exception whose text
+    ends in Rust's `(os error 28)`, not as an `OSError`.
+    """
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    path = re.search(r'at path "([^"]+)"', str(e))
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), path.group(1) if path else None)
+
+
+@contextmanager
+def writing_to(path: str | Path, doing: str) -> Iterator[None]:
+    """Turn an OS error met inside the block (also one a Rust library wraps) into an `LmfuseError`
+    that names `path` when the error itself names no file (a library's save often does not).
+
+    Args:
+        path: The directory or file being written.
+        doing: What is being written, e.g. "write the best checkpoint".
+    """
+    try:
+        yield
+    except LmfuseError:
+        raise
+    except Exception as e:
+        inner = wrapped_os_error(e)
+        if inner is None:
+            raise
+        raise os_error(inner, path, doing) from e
 
 
 def hash_obj(obj: Any) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmfuse.artifacts import atomic_write_json, file_hash, read_json
+from lmfuse.artifacts import atomic_write_json, file_hash, read_json, writing_to
 
 CKPT_DIR = "checkpoints"
 CKPT_STATE = "trainer_state.json"
@@ -78,7 +78,8 @@ def save_checkpoint(acc: Any, path: Path, step: int, extra: dict[str, Any]) -> P
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+    with writing_to(tmp, f"write the training checkpoint of step {step}"):
+        acc.save_state(str(tmp), safe_serialization=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_json(tmp / CKPT_STATE, {"step": step, **extra, "files": _file_records(tmp)})
@@ -173,9 +174,10 @@ def write_final(model: Any, tok: Any, path: Path, card: str, metrics: dict[str, 
     """
     tmp, final = path / FINAL_TMP, path / FINAL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "README.md").write_text(card)
+    with writing_to(tmp, "write the finished model"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
     atomic_write_json(tmp / FINAL_STATE, {"metrics": metrics})
     if final.exists():
         shutil.rmtree(final)
@@ -217,8 +219,9 @@ def save_best(model: Any, tok: Any, path: Path, step: int, eval_loss: float) -> 
     """
     final, tmp, old = path / BEST_DIR, path / f".tmp-{BEST_DIR}", path / f".old-{BEST_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    with writing_to(tmp, f"write the best weights (step {step})"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     atomic_write_json(tmp / BEST_STATE, {"step": step, "eval_loss": eval_loss})
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

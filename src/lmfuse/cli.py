@@ -205,25 +205,8 @@ def models_pull(name: Annotated[str, typer.Argument(help="see `lmfuse models lis
     typer.echo(pull(name, force=force))
 
 
-def wrapped_os_error(e: Exception) -> OSError | None:
-    """The OS error inside a library's own exception, or None.
-
-    Rust libraries (safetensors, tokenizers) report a full disk as their own exception whose text
-    ends in Rust's `(os error 28)`, not as an `OSError`.
-    """
-    import os
-    import re
-
-    m = re.search(r"\(os error (\d+)\)", str(e))
-    if m is None:
-        return None
-    path = re.search(r'at path "([^"]+)"', str(e))
-    code = int(m.group(1))
-    return OSError(code, os.strerror(code), path.group(1) if path else None)
-
-
 def main() -> None:
-    from lmfuse.artifacts import os_error
+    from lmfuse.artifacts import os_error, wrapped_os_error
 
     try:
         app()

@@ -525,7 +525,7 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
         return manifest
     what = f"{opts.samples} draws" if sampled else f"top-{k}"
     log(f"extract {model_name} ({what}): {len(blocks)} blocks, {manifest['n_tokens']} tokens, "
-        f"{manifest['bytes_per_token']} bytes/token, {manifest['entries_per_position']} entries/position keeping "
+        f"{manifest['bytes_per_token']} bytes on disk per token, {manifest['entries_per_position']} entries/position keeping "
         f"{manifest['mass_kept']:.1%} of the probability mass, gold token stored at "
         f"{manifest['gold_in_stored_fraction']:.1%} of positions -> {art.path}")
     log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
