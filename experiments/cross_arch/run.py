@@ -494,7 +494,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
                   "|---|---|" + "---:|" * (len(cols) + 1)]
         for r in runs:
             gaps = r.get(f"gap_closed{when}", {})
-            gap_txt = ", ".join(f"{g:.0%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
+            gap_txt = ", ".join(f"{g:.1%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
             lines.append(f"| `{r['variant']}` | {r['seed']} | "
                          + " | ".join(ci_text(r[f"vs_control{when}"][c]) for c in cols) + f" | {gap_txt} |")
         pooled = [p for p in doc.get("pooled", []) if f"vs_control{when}" in p]
@@ -504,7 +504,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
                       "|---|---|" + "---:|" * (len(cols) + 1)]
             for p in pooled:
                 gaps = p.get(f"gap_closed{when}", {})
-                gap_txt = ", ".join(f"{g:.0%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
+                gap_txt = ", ".join(f"{g:.1%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
                 cells = [f"{signed(p[f'vs_control{when}'][c][0])} ± {p[f'std{when}'][c]:.4f} "
                          f"[{signed(p[f'vs_control{when}'][c][1])}, {signed(p[f'vs_control{when}'][c][2])}]"
                          for c in cols]
@@ -528,7 +528,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
         d, below = p["vs_control_best"], p["below_zero_best"]
         gaps = p.get("gap_closed_best", {})
         parts = [f"{x}: {signed(d[x][0])} [{signed(d[x][1])}, {signed(d[x][2])}], CI below zero in {below[x]} of "
-                 f"{len(p['seeds'])} seeds, gap closed {gaps.get(x, math.nan):.0%}" for x in LEADS if x in d]
+                 f"{len(p['seeds'])} seeds, gap closed {gaps.get(x, math.nan):.1%}" for x in LEADS if x in d]
         lines.append(f"- `{p['variant']}` over seeds {', '.join(map(str, p['seeds']))}: " + "; ".join(parts) + ".")
     if doc["missing"]:
         lines += ["", f"Not finished yet: {', '.join(doc['missing'])}."]
