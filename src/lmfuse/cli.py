@@ -213,11 +213,8 @@ def main() -> None:
     except LmfuseError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except OSError as e:  # full disk, read-only or missing directory... met outside lmfuse's own writes
-        typer.echo(f"error: {os_error(e, getattr(e, 'filename', None) or '?', 'read or write a file')}", err=True)
-        sys.exit(2)
-    except Exception as e:
-        inner = wrapped_os_error(e)
+    except Exception as e:  # full disk, read-only or missing directory... met outside lmfuse's own writes
+        inner = wrapped_os_error(e)  # an OSError, or one a Rust library wrapped
         if inner is None:
             raise
         typer.echo(f"error: {os_error(inner, inner.filename or '?', 'read or write a file')}", err=True)
