@@ -175,6 +175,39 @@ def test_verify_reports_damage_staleness_and_old_manifests(tmp_path):
     assert checks["extract/n"].status == "stale" and "made from another prepare" in checks["extract/n"].detail
 
 
+def test_verify_holds_the_control_to_the_target_extractions_tokens_key(tmp_path):
+    """The control (train/clm) is made from the extraction's tokens_key, the fused model from its key."""
+    run = tmp_path / "run"
+
+    def made(stage, name, config_hash, inputs, overwrite=False, **fields):
+        art = ArtifactDir(run / stage / name, stage, config_hash, inputs, overwrite=overwrite)
+        art.begin(**QUIET)
+        art.write_shard(0, _table(4, 0))
+        art.finish(**fields)
+        return art
+
+    prep = made("prepare", "", "p1", {})
+    ext = made("extract", "tgt", "e-top64", {"prepare": prep.key}, tokens_key="t1")
+    made("train", "clm", "c", {"extract/tgt": "t1"}, control=True)
+    made("train", "fused", "f", {"extract/tgt": ext.key}, control=False)
+    assert {c.label: c.status for c in verify_run(run)} == {
+        "prepare": "ok", "extract/tgt": "ok", "train/clm": "ok", "train/fused": "ok"}
+
+    # Another top_k: a new key, the same token ids. The control is current, the fused model is not.
+    made("extract", "tgt", "e-top256", {"prepare": prep.key}, overwrite=True, tokens_key="t1")
+    checks = {c.label: c for c in verify_run(run)}
+    assert checks["train/clm"].status == "ok"
+    assert checks["train/fused"].status == "stale" and "made from another extract/tgt" in checks["train/fused"].detail
+
+    # Other token ids (another tokenizer, other blocks): the control is stale too, and says which key.
+    made("extract", "tgt", "e-top256", {"prepare": prep.key}, overwrite=True, tokens_key="t2")
+    checks = {c.label: c for c in verify_run(run)}
+    assert checks["train/clm"].status == "stale" and "(key t1, now t2)" in checks["train/clm"].detail
+    # A fused model never matches on the tokens_key.
+    made("train", "fused", "f", {"extract/tgt": "t2"}, overwrite=True, control=False)
+    assert {c.label: c.status for c in verify_run(run)}["train/fused"] == "stale"
+
+
 def test_verify_says_when_a_manifest_has_no_checksums(tmp_path):
     run = tmp_path / "run"
     art = _make(run, "prepare", "", "p1", shards=1)

@@ -19,6 +19,7 @@ from lmfuse.extract import (
     run_extract,
     sample_from_logits,
     sampling_uniforms,
+    tokens_key,
     topk_from_logits,
 )
 from lmfuse.prepare import load_blocks, run_prepare
@@ -423,3 +424,16 @@ def test_model_path_that_does_not_exist(make_config):
     res = lmfuse("validate", make_config({"sources": [{"name": "gone", "path": "/no/such/model"}]}), check=False)
     assert res.returncode == 1
     assert "sources[0].path" in res.stderr and "does not exist" in res.stderr
+
+
+def test_tokens_key_ignores_the_extract_options_and_follows_blocks_and_model(make_config, tiny_models):
+    """The control is keyed on it (train.artifact): what top_k is stored must not retrain it; new
+    blocks or another model (tokenizer or weights) must."""
+    def key(overrides):
+        return tokens_key(load_config(make_config(overrides)), "tgt")
+
+    base = key({})
+    assert key({"extract.top_k": 3}) == key({"extract.distribution": "sampled", "extract.shard_size": 2}) == base
+    assert key({"prepare.block_size": 40}) != base
+    assert key({"target.path": str(tiny_models["spm"])}) != base
+    assert key({"target.dtype": "bfloat16"}) != base

@@ -14,6 +14,7 @@ import yaml
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, read_manifest
 from lmfuse.errors import LmfuseError
 from lmfuse.evaluate import per_block, summarize
+from lmfuse.stages import verify_run
 from lmfuse.stats import paired_bootstrap
 from lmfuse.sweep import (
     _link,
@@ -127,6 +128,22 @@ def test_sweep_shares_artifacts_skips_finished_runs_and_runs_only_new_variants(m
     assert store_counts(out)["train/clm"] == 2 and store_counts(out)["train/fused"] == 6
     assert "| `lam05` | 0 |" in (out / "sweep.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the finished runs were not touched
+
+    # Another top_k: every extraction and alignment runs again, and the fused models; the controls
+    # read only the target's token ids (the extraction's tokens_key), so they are shared.
+    topk = {"name": "top3", "set": {"extract.top_k": 3}}
+    sweep_file = _write_sweep(tmp_path, [*TWO, topk])
+    lines.clear()
+    run_sweep_file(sweep_file, log=lines.append)
+    assert sorted(_ran(lines)) == sorted(["extract/tgt", "extract/src_spm", "extract/src_wp", "align/src_spm",
+                                          "align/src_wp", "train/fused", "train/fused"])
+    assert store_counts(out)["train/clm"] == 2 and store_counts(out)["extract"] == 6
+    top3 = _runs(out)["top3-s0"]
+    assert (top3 / "train" / "clm").resolve() == clm["minCE-s0"]
+    tgt_top3, tgt_top5 = read_manifest(top3 / "extract" / "tgt"), read_manifest(runs["minCE-s0"] / "extract" / "tgt")
+    assert tgt_top3["key"] != tgt_top5["key"] and tgt_top3["tokens_key"] == tgt_top5["tokens_key"]
+    assert read_manifest(clm["minCE-s0"])["inputs"] == {"extract/tgt": tgt_top3["tokens_key"]}
+    assert {c.label: c.status for c in verify_run(top3)}["train/clm"] == "ok"
 
     # Dropping a variant leaves its runs on disk and out of the table.
     sweep_file = _write_sweep(tmp_path, TWO[:1])

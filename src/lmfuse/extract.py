@@ -314,6 +314,21 @@ def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
                        input_keys(cfg, f"extract/{model_name}"), overwrite, compression="zstd")
 
 
+def tokens_key(cfg, model_name: str) -> str:
+    """The key of the token ids (and the model) behind `extract/<model>`, recorded in its manifest.
+
+    It covers what the extraction key covers except the extract options (`top_k`, `distribution`,
+    ...), which change only the stored distributions: the model entry, its files' contents and the
+    prepared blocks. The control (λ = 1) reads only the target's token ids and starts from its
+    weights, so it is keyed on this (`train.artifact`), and a new `top_k` leaves it current.
+    """
+    from lmfuse.stages import input_keys
+
+    spec = cfg.model(model_name)
+    return hash_obj(["tokens", spec.model_dump(exclude={"name"}), model_fingerprint(spec),
+                     input_keys(cfg, f"extract/{model_name}")])
+
+
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
     lengths = np.array([len(r) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -512,6 +527,7 @@ def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progre
             max_entries=int(total.get("max_entries", 0)), shard_size=S, n_shards=n_shards,
             n_blocks=len(blocks), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
             tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
+            tokens_key=tokens_key(cfg, model_name),
             tokens_per_second=round(n_tok / elapsed, 1) if n_tok else None,
             mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
             mass_kept=summarize_stats(total)["mass_kept"],

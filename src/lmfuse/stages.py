@@ -274,8 +274,12 @@ def verify_run(run_dir: str | Path) -> list[Check]:
             upm = manifests.get(up)
             if upm is None:
                 stale.append(f"its input {up} is missing or unfinished")
-            elif key not in (upm.get("key"), upm.get("config_hash")):
-                stale.append(f"made from another {up} (key {key}, now {upm.get('key')})")
+                continue
+            # The control is keyed on the target extraction's tokens_key (train.artifact); an
+            # extraction made by an older lmfuse has none, and the control then records its key.
+            now = (upm.get("tokens_key") if m.get("control") else None) or upm.get("key")
+            if key not in (now, upm.get("config_hash")):
+                stale.append(f"made from another {up} (key {key}, now {now})")
         if stale:
             checks.append(Check(lab, "stale", "; ".join(stale), cmd))
         elif "files" not in m:

@@ -60,9 +60,13 @@ def out_dir(cfg: FuseConfig, control: bool = False) -> Path:
     return cfg.run_dir / "train" / ("clm" if control else "fused")
 
 
-def _upstream_hash(path: Path) -> str | None:
+def _upstream_hash(path: Path, tokens: bool = False) -> str | None:
+    """The key an artifact on disk was made with; `tokens`: an extraction's `tokens_key` (its key
+    without the extract options; an extraction made by an older lmfuse has none: its key)."""
     m = read_manifest(path)
-    return None if m is None else (m.get("key") or m.get("config_hash"))
+    if m is None:
+        return None
+    return (tokens and m.get("tokens_key")) or m.get("key") or m.get("config_hash")
 
 
 def artifact(cfg: FuseConfig, control: bool = False, overwrite: bool = False) -> ArtifactDir:
@@ -70,7 +74,9 @@ def artifact(cfg: FuseConfig, control: bool = False, overwrite: bool = False) ->
 
     Its config hash covers the train section (minus the fusion-only options for the control)
     and the target model; its inputs are the keys (`ArtifactDir.key`) of `extract/<target>` and, unless
-    control, of `align/<source>` for every source.
+    control, of `align/<source>` for every source. The control reads only the target's token ids,
+    so its `extract/<target>` input is the extraction's `tokens_key`: another `extract.top_k` or
+    `distribution` leaves an identical control current instead of training it again.
     """
     train = cfg.train.model_dump(exclude=set(NOT_HASHED))
     if control:
@@ -78,7 +84,8 @@ def artifact(cfg: FuseConfig, control: bool = False, overwrite: bool = False) ->
     key = {"train": train, "target": cfg.target.model_dump(), "control": control}
     if not control:
         key["sources"] = [s.name for s in cfg.sources]
-    inputs = {f"extract/{cfg.target.name}": _upstream_hash(cfg.run_dir / "extract" / cfg.target.name)}
+    inputs = {f"extract/{cfg.target.name}": _upstream_hash(cfg.run_dir / "extract" / cfg.target.name,
+                                                           tokens=control)}
     if not control:
         for s in cfg.sources:
             inputs[f"align/{s.name}"] = _upstream_hash(cfg.run_dir / "align" / s.name)
