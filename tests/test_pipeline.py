@@ -182,8 +182,10 @@ def test_each_upstream_change_reruns_exactly_the_stages_below_it(make_config, ti
     shutil.copyfile(tmp_path / "new_weights" / "model.safetensors", spm / "model.safetensors")
     assert run({}, "a.yaml") == {"extract/src_spm", "align/src_spm", "train/fused"}
 
-    # An extract option: every extraction and everything below; the blocks and vocab maps stay.
-    assert run({"extract.top_k": 4}, "b.yaml") == every - {"prepare", "vocab_map/src_spm", "vocab_map/src_wp"}
+    # An extract option: every extraction and everything below; the blocks and vocab maps stay, and
+    # so does the control, which reads only the target's token ids (the extraction's tokens_key).
+    assert run({"extract.top_k": 4}, "b.yaml") == every - {"prepare", "vocab_map/src_spm", "vocab_map/src_wp",
+                                                           "train/clm"}
 
     # The vocab-map method: the maps, the alignments and the fused training; not the control.
     assert run({"extract.top_k": 4, "vocab_map.method": "exact"}, "c.yaml") == {
