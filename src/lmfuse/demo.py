@@ -29,16 +29,20 @@ def demo_config(output_dir: str | Path, quick: bool = False) -> dict:
         "target": {"name": "smollm2-135m", "path": "pull:smollm2-135m-instruct", "dtype": "bfloat16"},
         "sources": [{"name": "gemma3-270m", "path": "pull:gemma3-270m", "dtype": "bfloat16"}],
         "corpus": {"path": str(demo_corpus())},
-        "prepare": {"block_size": 128 if quick else 256, "max_blocks_per_domain": 5 if quick else 30,
-                    "validation_fraction": 0.2, "min_validation_blocks": 1 if quick else 5},
-        "extract": {"top_k": 10, "batch_size": 4, "shard_size": 16},
+        # The cross-architecture winner (docs/results.md, issue 11): 12 blocks per domain (≈12k tokens)
+        # trained for three passes, the other 12 held out; three passes over more text do not fit
+        # the demo's 15 minutes on 2 CPU cores.
+        "prepare": {"block_size": 128 if quick else 256, "max_blocks_per_domain": 5 if quick else 24,
+                    "validation_fraction": 0.5, "min_validation_blocks": 1 if quick else 5},
+        "extract": {"top_k": 64, "batch_size": 4, "shard_size": 16},
         "vocab_map": {"method": "retokenize"},
         "align": {"method": "offsets"},
-        "train": {"fusion": "minCE", "level": "sequence", "quality": "nll_per_byte", "include_target": True,
-                  "clm_weight": 0.9, "learning_rate": 1e-4, "batch_size": 1, "grad_accum": 2, "epochs": 1,
-                  "warmup_ratio": 0.1, "precision": "bfloat16", "control": True,
-                  "eval_every": 0 if quick else 15},
-        "eval": {"batch_size": 4},
+        "train": {"fusion": "minCE", "level": "sequence", "quality": "nll_per_byte", "include_target": False,
+                  "outside_topk": "rest", "clm_weight": 0.5, "learning_rate": 1e-4, "batch_size": 1,
+                  "grad_accum": 2, "epochs": 3, "warmup_ratio": 0.1, "precision": "bfloat16", "control": True,
+                  # validate once per pass (24 steps) and keep each arm's best weights
+                  "eval_every": 0 if quick else 24, "keep_best": True},
+        "eval": {"batch_size": 4, "dtype": "bfloat16"},
     }
 
 
