@@ -87,10 +87,10 @@ def test_example_validates():
 
 def test_the_check_catches_a_missing_key_and_an_unmarked_change(tmp_path):
     text = EXAMPLE.read_text().replace("  seed: 0\nextract:", "extract:", 1)  # drop prepare.seed
-    text = text.replace("  top_k: 10 ", "  top_k: 12 ", 1)
+    text = text.replace("  samples: 64 ", "  samples: 12 ", 1)
     text = text.replace("grad_accum: 8                          # not the default: 1",
                         "grad_accum: 1                          # not the default: 1")
     problems = _problems(FuseConfig, yaml.compose(text), yaml.safe_load(text), "", text.splitlines())
     assert "prepare.seed: missing" in problems
-    assert any(p.startswith("extract.top_k: 12 is not the default 10") for p in problems)
+    assert any(p.startswith("extract.samples: 12 is not the default 64") for p in problems)
     assert "train.grad_accum: equals the default but says it is not the default" in problems

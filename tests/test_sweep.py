@@ -154,6 +154,44 @@ def test_sweep_shares_artifacts_skips_finished_runs_and_runs_only_new_variants(m
     assert (out / "runs" / "avgCE-s0" / "eval" / "results.json").exists()
 
 
+
+def test_sweep_table_compares_both_arms_at_their_best_checkpoints(make_config, tmp_path):
+    """With `train.keep_best`, the table also gives fused@best − control@best per seed and pooled."""
+    make_config({"train.max_steps": 4, "train.eval_every": 1, "train.keep_best": True, "train.learning_rate": 3e-2,
+                 "eval.batch_size": 16})
+    out = tmp_path / "sweep"
+    doc = run_sweep_file(_write_sweep(tmp_path, TWO[:1]), log=lambda *a: None)
+    v = doc["variants"][0]
+    for r in v["runs"]:
+        results = json.loads((Path(r["run_dir"]) / "eval" / "results.json").read_text())["models"]
+        for g in doc["groups"]:
+            c = r["vs_control_best"][g]
+            # The best checkpoints' own figures, not the final weights'.
+            fb = results["fused@best"]["overall" if g == "overall" else "domains"]
+            cb = results["clm@best"]["overall" if g == "overall" else "domains"]
+            fb, cb = (fb, cb) if g == "overall" else (fb[g], cb[g])
+            assert r["fused_best"][g] == pytest.approx(fb["bpb"]) and r["control_best"][g] == pytest.approx(cb["bpb"])
+            assert c["diff"] == pytest.approx(fb["bpb"] - cb["bpb"], abs=1e-9)
+            assert c["lo"] <= c["diff"] <= c["hi"]
+    for g in doc["groups"]:
+        m = v["vs_control_best"][g]
+        assert m["mean"] == pytest.approx(sum(r["vs_control_best"][g]["diff"] for r in v["runs"]) / 2)
+        assert m["lo"] <= m["hi"] and m["seeds_better"] + m["seeds_worse"] <= 2
+    assert doc["controls"][0]["bpb_best"] == v["control_best"]
+    md = (out / "sweep.md").read_text()
+    assert "The same, both at their best checkpoints" in md
+    assert "## Variant − control, both at their best checkpoints" in md
+    assert "| `minCE` @best | its best checkpoint |" in md and "| control (λ = 1) @best | its best checkpoint |" in md
+    assert (out / "sweep_vs_control_best.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_table_without_best_checkpoints_has_no_best_section(make_config, tmp_path):
+    make_config({"train.max_steps": 2, "eval.batch_size": 16})
+    doc = run_sweep_file(_write_sweep(tmp_path, TWO[:1], seeds=[0]), log=lambda *a: None)
+    assert "vs_control_best" not in doc["variants"][0] and "vs_control_best" not in doc["variants"][0]["runs"][0]
+    md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "best checkpoints" not in md and not (tmp_path / "sweep" / "sweep_vs_control_best.png").exists()
+
 def test_a_half_finished_run_resumes_where_it_stopped(make_config, tmp_path):
     make_config({"train.max_steps": 1, "eval.batch_size": 16})
     sweep_file = _write_sweep(tmp_path, [{"name": "only"}], seeds=[0])

@@ -41,7 +41,7 @@ def demo_config(output_dir: str | Path, quick: bool = False) -> dict:
                   "outside_topk": "rest", "clm_weight": 0.5, "learning_rate": 1e-4, "batch_size": 1,
                   "grad_accum": 2, "epochs": 3, "warmup_ratio": 0.1, "precision": "bfloat16", "control": True,
                   # validate once per pass (24 steps) and keep each arm's best weights
-                  "eval_every": 0 if quick else 24, "keep_best": True},
+                  "eval_every": 0 if quick else 24, "keep_best": not quick},
         "eval": {"batch_size": 4, "dtype": "bfloat16"},
     }
 

@@ -779,7 +779,9 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run]) -> dict:
             fused, clm = models[_first_of_kind(models, "fused")], models[_first_of_kind(models, "clm")]
             best = _best_sources(models, groups)
             marker = read_json(r.dir / MARKER) or {}
-            recs.append((r, models, fused, clm, best))
+            # `train.keep_best`: both arms at their lowest validation loss (`fused@best`, `clm@best`).
+            fb, cb = models.get("fused@best"), models.get("clm@best")
+            recs.append((r, models, fused, clm, best, fb, cb))
             entry["runs"].append({
                 "seed": r.seed, "run": r.name, "run_dir": str(r.dir), "blocks": results[r.name].get("blocks"),
                 "control_key": marker.get("keys", {}).get("train/clm"),
@@ -787,6 +789,9 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run]) -> dict:
                 "vs_control": {g: _iv(compare_blocks([fused], [clm], g)) for g in groups},
                 "best_source": best,
                 "vs_best_source": {g: _iv(compare_blocks([fused], [models[best[g]]], g)) for g in best},
+                **({"fused_best": {g: _bpb(fb, g) for g in groups}, "control_best": {g: _bpb(cb, g) for g in groups},
+                    "vs_control_best": {g: _iv(compare_blocks([fb], [cb], g)) for g in groups}}
+                   if fb and cb else {}),
             })
         fuseds, clms = [x[2] for x in recs], [x[3] for x in recs]
         best = recs[0][4]
@@ -801,10 +806,20 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run]) -> dict:
                 **_pooled(compare_blocks(fuseds, [m[best[g]] for _, m, *_ in recs], g), entry["runs"],
                           "vs_best_source", g)}
             for g in best}
+        fbs, cbs = [x[5] for x in recs], [x[6] for x in recs]
+        if all(fbs) and all(cbs):  # every seed kept its best checkpoints
+            entry["fused_best"] = {g: _mean_std([_bpb(f, g) for f in fbs]) for g in groups}
+            entry["control_best"] = {g: _mean_std([_bpb(c, g) for c in cbs]) for g in groups}
+            entry["vs_control_best"] = {
+                g: {**_mean_std([x["vs_control_best"][g]["diff"] for x in entry["runs"]]),
+                    **_pooled(compare_blocks(fbs, cbs, g), entry["runs"], "vs_control_best", g)}
+                for g in groups}
         ckey = tuple((x["seed"], x["control_key"]) for x in entry["runs"])
         row = controls.setdefault(ckey, {"variants": [], "bpb": entry["control"],
                                          "seeds": [x["seed"] for x in entry["runs"]],
                                          "keys": [x["control_key"] for x in entry["runs"]]})
+        if "control_best" in entry:
+            row["bpb_best"] = entry["control_best"]
         row["variants"].append(v.name)
     doc["controls"] = list(controls.values())
     doc["store"] = store_counts(sweep.out_dir)
@@ -868,8 +883,12 @@ def _words(cells: dict, groups: Sequence[str]) -> str:
     return "; ".join(parts) or "–"
 
 
+_REF = {"vs_control": "its control (λ = 1, same seed)", "vs_best_source": "the best source of the domain",
+        "vs_control_best": "its control, both at their best checkpoints"}
+
+
 def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
-    """Per-domain difference of every variant to `what` (`vs_control` or `vs_best_source`).
+    """Per-domain difference of every variant to `what` (`vs_control`, `vs_control_best` or `vs_best_source`).
 
     One marker per seed (marker shape = seed, colour = variant) with its 95% CI as an error bar;
     the dash is the mean over seeds. Below zero: the variant is better.
@@ -877,7 +896,7 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     import numpy as np
     from matplotlib.figure import Figure
 
-    variants = [v for v in doc["variants"] if v["runs"]]
+    variants = [v for v in doc["variants"] if v["runs"] and v.get(what)]
     groups = doc["groups"]
     if not variants:
         return None
@@ -916,7 +935,7 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(len(groups) - 1.5, color="#BBBBBB", lw=0.8, ls=":")
     ax.set_xticks(x, groups)
-    ref = "its control (λ = 1, same seed)" if what == "vs_control" else "the best source of the domain"
+    ref = _REF[what]
     ax.set_ylabel(f"Δ bits per byte vs {ref}\n(below 0 = better)")
     ax.set_title(f"Variant − {ref}\none marker per seed, 95% CI over held-out blocks; dash: mean", fontsize=10)
     ax.legend(fontsize=8, ncols=min(n + len(seeds), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1),
@@ -937,17 +956,21 @@ def render(doc: dict, out_dir: Path) -> Document:
     if not variants:
         d.p("No run has finished yet.")
         return d
-    summary = []
-    for v in variants:
-        o = v["vs_control"]["overall"]
-        n = o["n"]
-        verdict = ("inside the noise" if o.get("inside_noise") else
-                   "no interval" if o.get("inside_noise") is None else
-                   "better than the control" if o["hi"] < 0 else "worse than the control")
-        summary.append(f"`{v['name']}` {_mean_cell(o)} ({verdict}; {o['seeds_better']} of {n} seed(s) better, "
-                       f"{o['seeds_worse']} worse)")
+    def verdict(o: dict) -> str:
+        said = ("inside the noise" if o.get("inside_noise") else
+                "no interval" if o.get("inside_noise") is None else
+                "better than the control" if o["hi"] < 0 else "worse than the control")
+        return (f"{_mean_cell(o)} ({said}; {o['seeds_better']} of {o['n']} seed(s) better, "
+                f"{o['seeds_worse']} worse)")
+
+    summary = [f"`{v['name']}` {verdict(v['vs_control']['overall'])}" for v in variants]
     d.p("**Variant − control, overall bits per byte** (mean ± std over seeds [95% CI of the seed-averaged "
         "difference]; below zero, the variant is better): " + "; ".join(summary) + ".")
+    at_best = [v for v in variants if v.get("vs_control_best")]
+    if at_best:
+        d.p("**The same, both at their best checkpoints** (`train.keep_best`: each arm's weights at its lowest "
+            "validation loss): " + "; ".join(f"`{v['name']}` {verdict(v['vs_control_best']['overall'])}"
+                                               for v in at_best) + ".")
     blocks = doc.get("blocks")
     per = [r.get("blocks") for v in variants for r in v["runs"]]
     d.p(f"Base config `{doc['base']}`; {len(doc['variants'])} variant(s) × {len(doc['seeds'])} seed(s) "
@@ -965,10 +988,15 @@ def render(doc: dict, out_dir: Path) -> Document:
     rows = []
     for v in variants:
         rows.append([f"`{v['name']}`", _settings_text(v["set"]), *[_bpb_cell(v["fused"][g]) for g in groups]])
+        if "fused_best" in v:
+            rows.append([f"`{v['name']}` @best", "its best checkpoint", *[_bpb_cell(v["fused_best"][g]) for g in groups]])
     many = len(doc["controls"]) > 1
     for c in doc["controls"]:
         who = f" for {', '.join(c['variants'])}" if many else ""
         rows.append([f"control (λ = 1){who}", "", *[_bpb_cell(c["bpb"][g]) for g in groups]])
+        if "bpb_best" in c:
+            rows.append([f"control (λ = 1){who} @best", "its best checkpoint",
+                         *[_bpb_cell(c["bpb_best"][g]) for g in groups]])
     for label, ref in doc["references"].items():
         name = f"{label} (target, before training)" if ref["kind"] == "target" else f"{label} (source)"
         rows.append([name, "", *[f"{ref['bpb'][g]:.4f}" if math.isfinite(ref["bpb"][g]) else "–" for g in groups]])
@@ -989,6 +1017,24 @@ def render(doc: dict, out_dir: Path) -> Document:
     p = plot_differences(doc, "vs_control", out_dir / "sweep_vs_control.png")
     if p:
         d.img(p, "Variant − its same-seed control per domain (95% CI over held-out blocks; one marker per seed)")
+
+    if at_best:
+        d.h("Variant − control, both at their best checkpoints")
+        d.p("With `train.keep_best`, each arm is also scored with its weights at its lowest validation loss. A "
+            "fused model that only overfits less than the control is level with it here; this is the "
+            "comparison early stopping cannot explain away. Same layout as above.")
+        rows = []
+        for v in at_best:
+            for r in v["runs"]:
+                rows.append([f"`{v['name']}`", str(r["seed"]), *[_ci_cell(r["vs_control_best"][g]) for g in groups],
+                             _words(r["vs_control_best"], groups)])
+            if len(v["runs"]) > 1:
+                rows.append([f"`{v['name']}`", "**mean ± std**",
+                             *[_mean_cell(v["vs_control_best"][g]) for g in groups], _words(v["vs_control_best"], groups)])
+        d.table(["variant", "seed", *groups, "in words"], rows, text=(0, 1, -1))
+        p = plot_differences(doc, "vs_control_best", out_dir / "sweep_vs_control_best.png")
+        if p:
+            d.img(p, "Variant − its same-seed control, both at their best checkpoints (95% CI; one marker per seed)")
 
     if any(v.get("vs_best_source") for v in variants):
         d.h("Variant − best source of each domain")
