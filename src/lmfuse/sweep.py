@@ -946,6 +946,19 @@ def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
     return out
 
 
+def _seed_rows(variants: Sequence[dict], what: str, groups: Sequence[str]) -> list[list[str]]:
+    """A row per (variant, seed) with each difference and its CI, then a mean ± std row per variant."""
+    rows = []
+    for v in variants:
+        for r in v["runs"]:
+            rows.append([f"`{v['name']}`", str(r["seed"]), *[_ci_cell(r[what][g]) for g in groups],
+                         _words(r[what], groups)])
+        if len(v["runs"]) > 1:
+            rows.append([f"`{v['name']}`", "**mean ± std**", *[_mean_cell(v[what][g]) for g in groups],
+                         _words(v[what], groups)])
+    return rows
+
+
 def render(doc: dict, out_dir: Path) -> Document:
     """The sweep table as a document (plots written to `out_dir`)."""
     groups = doc["groups"]
@@ -1005,15 +1018,7 @@ def render(doc: dict, out_dir: Path) -> Document:
     d.h("Variant − control (same seed)")
     d.p("Per seed: the difference with its 95% CI. Mean row: mean ± std over seeds, then the 95% CI of the "
         "seed-averaged difference (per-block NLL averaged over seeds, then resampled by block).")
-    rows = []
-    for v in variants:
-        for r in v["runs"]:
-            rows.append([f"`{v['name']}`", str(r["seed"]), *[_ci_cell(r["vs_control"][g]) for g in groups],
-                         _words(r["vs_control"], groups)])
-        if len(v["runs"]) > 1:
-            rows.append([f"`{v['name']}`", "**mean ± std**", *[_mean_cell(v["vs_control"][g]) for g in groups],
-                         _words(v["vs_control"], groups)])
-    d.table(["variant", "seed", *groups, "in words"], rows, text=(0, 1, -1))
+    d.table(["variant", "seed", *groups, "in words"], _seed_rows(variants, "vs_control", groups), text=(0, 1, -1))
     p = plot_differences(doc, "vs_control", out_dir / "sweep_vs_control.png")
     if p:
         d.img(p, "Variant − its same-seed control per domain (95% CI over held-out blocks; one marker per seed)")
@@ -1023,15 +1028,8 @@ def render(doc: dict, out_dir: Path) -> Document:
         d.p("With `train.keep_best`, each arm is also scored with its weights at its lowest validation loss. A "
             "fused model that only overfits less than the control is level with it here; this is the "
             "comparison early stopping cannot explain away. Same layout as above.")
-        rows = []
-        for v in at_best:
-            for r in v["runs"]:
-                rows.append([f"`{v['name']}`", str(r["seed"]), *[_ci_cell(r["vs_control_best"][g]) for g in groups],
-                             _words(r["vs_control_best"], groups)])
-            if len(v["runs"]) > 1:
-                rows.append([f"`{v['name']}`", "**mean ± std**",
-                             *[_mean_cell(v["vs_control_best"][g]) for g in groups], _words(v["vs_control_best"], groups)])
-        d.table(["variant", "seed", *groups, "in words"], rows, text=(0, 1, -1))
+        d.table(["variant", "seed", *groups, "in words"], _seed_rows(at_best, "vs_control_best", groups),
+                text=(0, 1, -1))
         p = plot_differences(doc, "vs_control_best", out_dir / "sweep_vs_control_best.png")
         if p:
             d.img(p, "Variant − its same-seed control, both at their best checkpoints (95% CI; one marker per seed)")
