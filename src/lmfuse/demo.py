@@ -29,7 +29,7 @@ def demo_config(output_dir: str | Path, quick: bool = False) -> dict:
         "target": {"name": "smollm2-135m", "path": "pull:smollm2-135m-instruct", "dtype": "bfloat16"},
         "sources": [{"name": "gemma3-270m", "path": "pull:gemma3-270m", "dtype": "bfloat16"}],
         "corpus": {"path": str(demo_corpus())},
-        # The cross-architecture winner (docs/results.md, issue 11): 12 blocks per domain (≈12k tokens)
+        # The cross-architecture winner (docs/results.md, issue 11): 12 blocks per domain (≈10k tokens)
         # trained for three passes, the other 12 held out; three passes over more text do not fit
         # the demo's 15 minutes on 2 CPU cores.
         "prepare": {"block_size": 128 if quick else 256, "max_blocks_per_domain": 5 if quick else 24,
