@@ -884,7 +884,7 @@ def _words(cells: dict, groups: Sequence[str]) -> str:
 
 
 _REF = {"vs_control": "its control (λ = 1, same seed)", "vs_best_source": "the best source of the domain",
-        "vs_control_best": "its control, both at their best checkpoints"}
+        "vs_control_best": "its control (both @best)"}
 
 
 def plot_differences(doc: dict, what: str, out: Path) -> Path | None:
