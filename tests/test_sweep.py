@@ -154,7 +154,6 @@ def test_sweep_shares_artifacts_skips_finished_runs_and_runs_only_new_variants(m
     assert (out / "runs" / "avgCE-s0" / "eval" / "results.json").exists()
 
 
-
 def test_sweep_table_compares_both_arms_at_their_best_checkpoints(make_config, tmp_path):
     """With `train.keep_best`, the table also gives fused@best − control@best per seed and pooled."""
     make_config({"train.max_steps": 4, "train.eval_every": 1, "train.keep_best": True, "train.learning_rate": 3e-2,
