@@ -47,6 +47,7 @@ from lmfuse.modelspec import EvalModel, dir_spec, fingerprint, hf_model_dir, saf
 
 LN2 = math.log(2.0)
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
+BEST = "@best"  # label suffix of a model at its best validation checkpoint (`train.keep_best`)
 CACHE_HASH = "record_sha256"  # a cache entry's checksum of its own other fields
 
 
@@ -215,7 +216,7 @@ def default_models(cfg: FuseConfig) -> list[EvalModel]:
         # `train.keep_best`: the weights at the lowest validation loss, scored beside the final ones.
         best = run / "train" / kind / "best"
         if (run / "train" / kind / "manifest.json").exists() and hf_model_dir(best) is not None:
-            out.append(EvalModel(f"{kind}@best", kind, dir_spec(f"{kind}-best", best)))
+            out.append(EvalModel(f"{kind}{BEST}", kind, dir_spec(f"{kind}-best", best)))
     out += baselines.eval_models(cfg)
     return out
 

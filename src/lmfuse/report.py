@@ -20,7 +20,7 @@ from typing import Any
 
 from lmfuse.artifacts import atomic_write_bytes, read_json
 from lmfuse.document import Document
-from lmfuse.evaluate import CONTROL, display_label, load_results
+from lmfuse.evaluate import BEST, CONTROL, display_label, load_results
 from lmfuse.stats import Interval, paired_bootstrap
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -94,7 +94,6 @@ def fraction_stats(stats: dict[str, float]) -> dict[str, float]:
 N_BOOT = 10_000
 SEED = 0
 MINUS = "\u2212"
-BEST = "@best"  # label suffix of a model at its best validation checkpoint (`train.keep_best`)
 
 
 def _first_of_kind(models: dict[str, dict], kind: str) -> str | None:

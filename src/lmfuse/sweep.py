@@ -744,7 +744,7 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run]) -> dict:
         sweep: The sweep.
         runs: Its runs; those without eval results are listed under `missing`.
     """
-    from lmfuse.evaluate import load_results
+    from lmfuse.evaluate import BEST, load_results
 
     results = {r.name: load_results(r.dir) for r in runs}
     done = [r for r in runs if results[r.name] and _first_of_kind(results[r.name]["models"], "fused")
@@ -780,7 +780,7 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run]) -> dict:
             best = _best_sources(models, groups)
             marker = read_json(r.dir / MARKER) or {}
             # `train.keep_best`: both arms at their lowest validation loss (`fused@best`, `clm@best`).
-            fb, cb = models.get("fused@best"), models.get("clm@best")
+            fb, cb = models.get(f"fused{BEST}"), models.get(f"clm{BEST}")
             recs.append((r, models, fused, clm, best, fb, cb))
             entry["runs"].append({
                 "seed": r.seed, "run": r.name, "run_dir": str(r.dir), "blocks": results[r.name].get("blocks"),
