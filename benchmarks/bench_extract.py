@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmfuse.artifacts import write_arrow
+from lmfuse.batches import padded_batches
 from lmfuse.config import ExtractConfig, ModelSpec
 from lmfuse.extract import encode_blocks, extract_shard, summarize_stats
 from lmfuse.models import PULLABLE, load_model, load_tokenizer, pull
@@ -55,16 +56,8 @@ def load_texts(corpus: Path | None, n: int, chars: int) -> list[str]:
 
 def bare_forward(model, tok, texts: list[str], batch_size: int) -> int:
     encs = encode_blocks(tok, texts)
-    order = sorted(range(len(texts)), key=lambda i: (-len(encs[i]["input_ids"]), i))
     n = 0
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        lens = [len(encs[i]["input_ids"]) for i in idx]
-        ids = torch.zeros((len(idx), max(lens)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, : lens[r]] = torch.tensor(encs[i]["input_ids"])
-            mask[r, : lens[r]] = 1
+    for _, lens, ids, mask in padded_batches([e["input_ids"] for e in encs], batch_size, 0):
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask).logits.sum()  # the logits are materialised
         n += sum(lens)

@@ -1,9 +1,10 @@
-"""What the experiment drivers share: corpus picking, logging, per-block statistics, formatting.
+"""What the experiment drivers share: corpus picking, logging, the held-out comparisons.
 
 The drivers (`domain_experts/run.py`, `cross_arch/run.py`) read the development corpora in
 ../shared/corpora and run lmfuse on them; lmfuse itself never reads ../shared. Held-out figures
 come from `lmfuse eval`'s per-block records (`per_block`: block ids, domains, NLL in nats,
-UTF-8 bytes), so every difference here is paired over the same held-out blocks.
+UTF-8 bytes), compared and written by `lmfuse.compare` as the sweep's table does, so every
+difference here is paired over the same held-out blocks.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-N_BOOT, BOOT_SEED = 10_000, 0  # as lmfuse.sweep, so per-domain intervals equal the sweep's
-LN2 = math.log(2.0)
-MINUS = "\u2212"
+from lmfuse.compare import bpb, compare_domains
+from lmfuse.stats import Interval
 
 Log = Callable[[str], Any]
 
@@ -196,66 +196,33 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def cols(rec: dict, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(block ids, NLL, bytes) of an eval record's per-block figures, for one domain or all."""
-    pb = rec["per_block"]
-    keep = [i for i, d in enumerate(pb["domain"]) if domain is None or d == domain]
-    return (np.asarray([pb["block_id"][i] for i in keep]), np.asarray([pb["nll"][i] for i in keep], float),
-            np.asarray([pb["bytes"][i] for i in keep], float))
-
-
 def domain_bpb(rec: dict, domains: Sequence[str]) -> dict[str, float]:
     """Bits per byte per domain and their mean over the domains (the paper's average)."""
-    out = {}
-    for d in domains:
-        _, nll, nb = cols(rec, d)
-        out[d] = float(nll.sum() / (LN2 * nb.sum()))
+    out = {d: bpb(rec, d) for d in domains}
     out["average"] = float(np.mean([out[d] for d in domains]))
     return out
 
 
-def same_blocks(a: dict, b: dict, domain: str | None = None) -> None:
-    ia, ib = cols(a, domain)[0], cols(b, domain)[0]
-    if not np.array_equal(ia, ib):
+def same_blocks(a: dict, b: dict) -> None:
+    """Raise unless two eval records were scored on the same held-out blocks, in the same order."""
+    if a["per_block"]["block_id"] != b["per_block"]["block_id"]:
         raise Problem("two eval records were scored on different held-out blocks; the runs' prepare differs")
 
 
-def diff_ci(a: dict, b: dict, domains: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """bpb(a) − bpb(b) with a 95% paired bootstrap interval over held-out blocks.
+def diff_ci(a: Sequence[dict], b: Sequence[dict], domains: Sequence[str]) -> dict[str, Interval]:
+    """bpb(A) − bpb(B) per domain and on their average, with 95% paired bootstrap intervals.
 
-    Per domain: `lmfuse.stats.paired_bootstrap` (10,000 resamples, seed 0, as `lmfuse sweep`).
-    Average (mean of the domains' bits per byte): blocks resampled within each domain (the same
-    blocks for both models), the mean of the per-domain differences recomputed per resample.
+    `lmfuse.compare.compare_domains` (as `lmfuse sweep`, so per-domain intervals equal the sweep's)
+    on records that must share their held-out blocks.
+
+    Args:
+        a: Model A's eval records, one per seed (several: the interval of the seed-averaged difference).
+        b: Model B's, one per seed, or one for a model that does not depend on the seed.
+        domains: The domains, averaged in `average`.
     """
-    from lmfuse.stats import paired_bootstrap
-
-    out = {}
-    for d in domains:
-        same_blocks(a, b, d)
-        _, na, ba = cols(a, d)
-        _, nb, bb = cols(b, d)
-        out[d] = tuple(paired_bootstrap(na, nb, ba, b_nbytes=bb, n_boot=N_BOOT, seed=BOOT_SEED))
-    rng = np.random.default_rng(BOOT_SEED)
-    acc = np.zeros(N_BOOT)
-    for d in domains:
-        _, na, ba = cols(a, d)
-        _, nb, bb = cols(b, d)
-        idx = rng.integers(0, len(na), size=(N_BOOT, len(na)))
-        acc += (na[idx].sum(1) / (LN2 * ba[idx].sum(1)) - nb[idx].sum(1) / (LN2 * bb[idx].sum(1))) / len(domains)
-    point = float(np.mean([out[d][0] for d in domains]))
-    lo, hi = np.percentile(acc, [2.5, 97.5])
-    out["average"] = (point, float(lo), float(hi))
-    return out
-
-
-def seed_mean_record(recs: Sequence[dict]) -> dict:
-    """One record whose per-block NLL and bytes are averaged over seeds (blocks in the same order)."""
-    for r in recs[1:]:
-        same_blocks(recs[0], r)
-    pb = recs[0]["per_block"]
-    return {"per_block": {"block_id": pb["block_id"], "domain": pb["domain"],
-                          "nll": list(np.mean([r["per_block"]["nll"] for r in recs], axis=0)),
-                          "bytes": list(np.mean([r["per_block"]["bytes"] for r in recs], axis=0))}}
+    for other in [*a[1:], *b]:
+        same_blocks(a[0], other)
+    return compare_domains(a, b, domains)
 
 
 def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | None:
@@ -264,16 +231,17 @@ def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | No
     Scored with `lmfuse.evaluate.block_nll` on the run's own prepared validation blocks, in the
     run's `eval.dtype`; cached under `cache_dir` by the model's fingerprint and the blocks.
     """
-    from lmfuse.artifacts import hash_obj, read_json
+    from lmfuse.artifacts import read_json
     from lmfuse.config import ModelSpec, load_config
     from lmfuse.evaluate import (
         block_nll,
-        fingerprint,
         load_blocks,
         per_block,
         select_blocks,
         summarize,
     )
+    from lmfuse.fingerprint import model_fingerprint as fingerprint
+    from lmfuse.hashing import hash_obj
     from lmfuse.models import load_model, load_tokenizer
     from lmfuse.parallel import device
 
@@ -303,25 +271,6 @@ def score_best(run_dir: Path, kind: str, cache_dir: Path, log: Log) -> dict | No
         log(f"table: scored {run_dir.name}/train/{kind}/best (step {rec['step']}): "
             f"{rec['overall']['bpb']:.4f} bits/byte ({rec['seconds']} s)")
     return rec
-
-
-def fmt(x: float) -> str:
-    return f"{x:.4f}" if math.isfinite(x) else "–"
-
-
-def signed(x: float) -> str:
-    return f"{x:+.4f}".replace("-", MINUS) if math.isfinite(x) else "–"
-
-
-def ci_text(c: Sequence[float]) -> str:
-    return f"{signed(c[0])} [{signed(c[1])}, {signed(c[2])}]"
-
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
 
 
 def jsonable(x: Any) -> Any:

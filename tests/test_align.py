@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmfuse import extract, prepare
+from lmfuse import extract
 from lmfuse.align import (
     DROPPED_PREFIX,
     AlignContext,
@@ -19,13 +19,11 @@ from lmfuse.align import (
     align_block,
     align_dtw,
     align_offsets,
-    artifact,
     boundary_ends,
     char_byte_offsets,
     check_extractions,
     flat_bytes,
     map_topk,
-    run_align,
     sequence_quality,
     span_exact,
     span_nll,
@@ -42,9 +40,9 @@ from lmfuse.config import (
 )
 from lmfuse.errors import LmfuseError
 from lmfuse.models import load_tokenizer, tokenizer_fingerprint
+from lmfuse.pipeline import artifact, run_align, run_vocab_map
 from lmfuse.testing import build_tokenizer, make_tiny_model, write_tiny_corpus
 from lmfuse.tokentext import token_table
-from lmfuse.vocabmap import run_vocab_map
 from naive import naive_dtw  # noqa: E402
 from texts import HARD_TEXTS  # noqa: E402
 
@@ -312,7 +310,7 @@ def _blocks(cfg):
 
 
 def _write_prepare(cfg, domains, texts):
-    art = prepare.artifact(cfg)
+    art = artifact(cfg, "prepare")
     art.begin()
     art.write_shard(0, pa.table({"block_id": pa.array(range(len(texts)), pa.int64()), "doc_id": list(range(len(texts))),
                                  "domain": domains, "split": ["train"] * len(texts), "text": texts}))
@@ -325,7 +323,7 @@ def _write_extract(cfg, name, texts, seed=0, block_ids=None):
     tok = load_tokenizer(cfg.model(name))
     k, S = cfg.extract.top_k, cfg.extract.shard_size
     block_ids = list(range(len(texts))) if block_ids is None else block_ids
-    art = extract.artifact(cfg, name)
+    art = artifact(cfg, f"extract/{name}")
     art.begin()
     encs = extract.encode_blocks(tok, texts)
     n_shards = -(-len(texts) // S)
@@ -370,11 +368,11 @@ def test_run_align_end_to_end(tmp_path, model_dirs, method):
     assert 0 < m["exact_mass_fraction"] <= m["mapped_mass_fraction"] + 1e-9
     assert set(m["aligned_fraction_per_domain"]) == {"code", "legal", "prose"}
     assert any("aligned" in line for line in logs)
-    art = artifact(cfg, "src")
-    tgt_shards = extract.artifact(cfg, "tgt").shard_paths()
+    art = artifact(cfg, "align/src")
+    tgt_shards = artifact(cfg, "extract/tgt").shard_paths()
     assert [p.name for p in art.shard_paths()] == [p.name for p in tgt_shards]
     ds = art.load()
-    tgt = extract.artifact(cfg, "tgt").load()
+    tgt = artifact(cfg, "extract/tgt").load()
     assert ds["block_id"] == list(range(len(texts)))
     for r in range(len(texts)):
         T = len(tgt[r]["input_ids"])
@@ -389,7 +387,7 @@ def test_run_align_end_to_end(tmp_path, model_dirs, method):
 def test_run_align_resumes_to_the_same_bytes(tmp_path, model_dirs):
     cfg, _ = _setup(tmp_path, model_dirs)
     run_align(cfg, "src", log=lambda *_: None)
-    art = artifact(cfg, "src")
+    art = artifact(cfg, "align/src")
     first = {p.name: p.read_bytes() for p in art.shard_paths()}
     (art.path / "manifest.json").unlink()
     art.shard_paths()[1].unlink()
@@ -415,7 +413,7 @@ def test_extractions_of_different_block_sets_are_refused(tmp_path, model_dirs):
     # Rewrite the source extraction over a subset of the blocks.
     import shutil
 
-    shutil.rmtree(extract.artifact(cfg, "src").path)
+    shutil.rmtree(artifact(cfg, "extract/src").path)
     _write_extract(cfg, "src", texts[:-2], seed=2)
     with pytest.raises(LmfuseError, match="do not cover the same blocks"):
         run_align(cfg, "src", log=lambda *_: None)
@@ -442,9 +440,8 @@ def test_dtw_context_is_required():
 def test_a_source_that_spells_unknown_text_as_unk_no_longer_wins_minCE(tmp_path):
     """A random WordPiece source writes most of a Unicode text as [UNK]; per byte it looked far
     better than a random byte-level target (its [UNK]s cost one token NLL for many bytes)."""
-    from lmfuse.extract import run_extract
     from lmfuse.fusion import min_ce
-    from lmfuse.prepare import run_prepare
+    from lmfuse.pipeline import run_extract, run_prepare
 
     models = {k: str(make_tiny_model(tmp_path / k, k, seed=i)) for i, k in enumerate(("bpe", "wordpiece"))}
     texts = ["Привет, мир! Καλημέρα; κόσμε. Съешь же ещё этих мягких булок, да выпей чаю.",
@@ -461,8 +458,8 @@ def test_a_source_that_spells_unknown_text_as_unk_no_longer_wins_minCE(tmp_path)
         run_extract(cfg, name, progress=False, **quiet)
     run_vocab_map(cfg, "wp", **quiet)
     run_align(cfg, "wp", **quiet)
-    tgt, src, al = (extract.artifact(cfg, "tgt").load(), extract.artifact(cfg, "wp").load(),
-                    artifact(cfg, "wp").load())
+    tgt, src, al = (artifact(cfg, "extract/tgt").load(), artifact(cfg, "extract/wp").load(),
+                    artifact(cfg, "align/wp").load())
     for r in range(len(al)):
         assert sum(np.array(src[r]["input_ids"]) == 0) >= 8  # [UNK] is id 0: UNK-heavy indeed
         target_q = tgt[r]["nll_sum"] / tgt[r]["scored_bytes"]

@@ -15,7 +15,7 @@ import pytest
 from lmfuse.artifacts import ArtifactDir, atomic_write_bytes, open_artifact
 from lmfuse.errors import LmfuseError
 from lmfuse.lock import run_lock
-from lmfuse.stages import verify_run
+from lmfuse.pipeline import verify_run
 
 QUIET = {"log": lambda *a: None}
 
@@ -276,11 +276,10 @@ def test_a_killed_holder_leaves_no_stuck_lock_and_the_lock_is_reentrant(tmp_path
 
 
 def test_library_train_and_eval_take_the_lock_too(tmp_path, make_config):
-    """`lmfuse.train.run_train` and `lmfuse.evaluate.run_eval`, called as a library (sweeps and the
+    """`lmfuse.train.run_train` and `lmfuse.pipeline.run_eval`, called as a library (sweeps and the
     experiment drivers do), refuse a run directory another process writes into, before any work."""
     from lmfuse.config import load_config
-    from lmfuse.evaluate import run_eval
-    from lmfuse.train import run_train
+    from lmfuse.pipeline import run_eval, run_train
 
     cfg = load_config(make_config())
     proc = _holder(cfg.run_dir)

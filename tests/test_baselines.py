@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmfuse import baselines
-from lmfuse.baselines import ensemble_model, merge_models, merge_state_dicts
+from lmfuse.baselines import ensemble_model, merge_models
 from lmfuse.config import FuseConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.evaluate import block_nll
+from lmfuse.pipeline import build_merges
 from lmfuse.testing import make_tiny_model
 
 TEXTS = ["Hello world! The quick brown fox.", "def add(a, b):\n    return a + b\n"]
@@ -85,7 +86,8 @@ def test_task_arithmetic_weight_zero_returns_base(tiny, tmp_path):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k])
     # Weight 1 on one model gives that model back.
-    sd = merge_state_dicts([load_file(tiny["b"] / "model.safetensors")], [1.0], "task_arithmetic", base=ref)
+    one = merge_models([tiny["b"]], tmp_path / "ta1", weights=[1.0], method="task_arithmetic", base=tiny["a"])
+    sd = load_file(one / "model.safetensors")
     for k, v in load_file(tiny["b"] / "model.safetensors").items():
         torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6)
 
@@ -109,17 +111,17 @@ def test_config_driven_baselines(tiny, tmp_path):
                       "merge": [{"models": ["a", "b"]},
                                 {"models": ["b"], "method": "task_arithmetic", "base": "a", "weights": [0.5]}]},
     })
-    outs = baselines.build_merges(cfg)
+    outs = build_merges(cfg)
     assert [p.name for p in outs] == ["merge-a-b", "ta-a-b"] and outs[0].parent == tmp_path / "run" / "merge"
     mtime = (outs[0] / "model.safetensors").stat().st_mtime_ns
-    baselines.build_merges(cfg)  # current: not rebuilt
+    build_merges(cfg)  # current: not rebuilt
     assert (outs[0] / "model.safetensors").stat().st_mtime_ns == mtime
     labels = [m.label for m in baselines.eval_models(cfg)]
     assert labels == ["ensemble-a-b", "merge-a-b", "ta-a-b"]
 
     bad = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"merge": [{"models": ["a", "s"]}]})})
     with pytest.raises(LmfuseError, match="cannot merge"):
-        baselines.build_merges(bad)
+        build_merges(bad)
 
 
 def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny, tmp_path):
@@ -139,7 +141,7 @@ def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny,
             "baselines": {"merge": [{"models": ["a", "b"], "weights": weights}]}})
 
     cfg = cfg_with([1.0, 1.0])
-    [out] = baselines.build_merges(cfg, log=lambda m: None)
+    [out] = build_merges(cfg, log=lambda m: None)
     assert out == tmp_path / "run" / "merge" / "merge-a-b"
     man = read_manifest(out)
     assert man["stage"] == "merge" and "model.safetensors" in man["files"]
@@ -152,17 +154,17 @@ def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny,
 
     first = built()
     said = []
-    baselines.build_merges(cfg, log=said.append)  # current: reused
+    build_merges(cfg, log=said.append)  # current: reused
     assert built() == first and not said
     # Other weights in the config: rebuilt.
-    baselines.build_merges(cfg_with([3.0, 1.0]), log=said.append)
+    build_merges(cfg_with([3.0, 1.0]), log=said.append)
     assert said and read_manifest(out)["weights"] == [3.0, 1.0]
     # New weights saved over model b at the same path: stale, rebuilt with them.
     said.clear()
     wb = load_file(str(b_dir / "model.safetensors"))
     wb = {k: v + 1.0 for k, v in wb.items()}
     save_file(wb, str(b_dir / "model.safetensors"), metadata={"format": "pt"})
-    baselines.build_merges(cfg, log=said.append)
+    build_merges(cfg, log=said.append)
     assert said
     wa, merged = load_file(str(tiny["a"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     k = next(k for k in wa if wa[k].is_floating_point())
@@ -170,7 +172,7 @@ def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny,
     # Killed after the merged directory was written, before its manifest: built again.
     (out / "manifest.json").unlink()
     said.clear()
-    baselines.build_merges(cfg, log=said.append)
+    build_merges(cfg, log=said.append)
     assert said and read_manifest(out) is not None
     # A byte changed in the merged weights (same size: only the checksum sees it): built again, saying so.
     good = (out / "model.safetensors").read_bytes()
@@ -178,7 +180,7 @@ def test_a_merge_is_an_artifact_reused_when_current_and_rebuilt_when_stale(tiny,
     flipped[len(flipped) // 2] ^= 0xFF
     (out / "model.safetensors").write_bytes(bytes(flipped))
     said.clear()
-    baselines.build_merges(cfg, log=said.append)
+    build_merges(cfg, log=said.append)
     assert any("is damaged (model.safetensors: contents changed" in line for line in said), said
     assert (out / "model.safetensors").read_bytes() == good
 

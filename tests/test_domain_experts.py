@@ -49,8 +49,6 @@ def test_tiny_chain_writes_the_table(tmp_path):
     assert "## At the best validation checkpoint" in table
     assert "## Fused − control (same seed)" in table
     assert "### Fused − ensemble, end of the budget" in table and "### Fused @best − merge (linear)" in table
-    # the intervals recomputed by the script are the sweep's own
-    assert "intervals: 0.00e+00" in table
 
     # a second run finds every step complete and writes the same table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmfuse import evaluate
+from lmfuse import evaluate, pipeline
 from lmfuse.artifacts import ArtifactDir
 from lmfuse.config import FuseConfig
 from lmfuse.errors import LmfuseError
@@ -127,7 +127,7 @@ def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation"),
                                  (TEXTS[4], "prose", "train"), (TEXTS[2], "code", "validation")])
     lines = []
-    doc = evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    doc = pipeline.run_eval(cfg, device="cpu", log=lines.append)
     assert list(doc["models"]) == ["tgt", "src"]
     assert doc["domains"] == ["code", "prose"]
     assert doc["blocks"] == 3
@@ -159,7 +159,7 @@ def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
     real = evaluate.block_nll
     monkeypatch.setattr(evaluate, "block_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
     lines = []
-    doc2 = evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    doc2 = pipeline.run_eval(cfg, device="cpu", log=lines.append)
     assert list(doc2["models"]) == ["tgt", "src", "clm"]
     assert len(calls) == 1
     assert doc2["models"]["tgt"] == doc["models"]["tgt"]
@@ -172,13 +172,13 @@ def test_run_eval_writes_results_and_caches(tmp_path, tiny, monkeypatch):
 def test_cache_without_per_block_figures_is_scored_again(tmp_path, tiny):
     cfg = _cfg(tmp_path, tiny)
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
-    evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    pipeline.run_eval(cfg, device="cpu", log=lambda *a: None)
     for cache in (cfg.run_dir / "eval" / "cache").glob("*.json"):  # as an older lmfuse wrote them
         rec = json.loads(cache.read_text())
         del rec["per_block"], rec[evaluate.CACHE_HASH]
         cache.write_text(json.dumps(rec))
     lines = []
-    doc = evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    doc = pipeline.run_eval(cfg, device="cpu", log=lines.append)
     assert all("per_block" in rec for rec in doc["models"].values())
     assert sum("cached without a checksum (by an older lmfuse): scoring it again" in x for x in lines) == 2, lines
 
@@ -188,7 +188,7 @@ def test_eval_is_checksummed_and_an_edited_or_torn_cache_entry_is_scored_again(t
 
     cfg = _cfg(tmp_path, tiny)
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
-    doc = evaluate.run_eval(cfg, device="cpu", log=lambda *a: None)
+    doc = pipeline.run_eval(cfg, device="cpu", log=lambda *a: None)
     out = cfg.run_dir / "eval"
     caches = sorted((out / "cache").glob("*.json"))
     man = read_manifest(out)
@@ -207,7 +207,7 @@ def test_eval_is_checksummed_and_an_edited_or_torn_cache_entry_is_scored_again(t
     (out / ".results.json.x1.tmp").write_text("{")  # what killed writes leave
     (out / "cache" / f".{caches[0].name}.x2.tmp").write_text("{")
     lines = []
-    doc2 = evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    doc2 = pipeline.run_eval(cfg, device="cpu", log=lines.append)
     assert any(f"{caches[0].name} edited after it was written" in x for x in lines), lines
     assert any(f"{caches[1].name} unreadable" in x for x in lines), lines
     assert not any(x.endswith("(cached)") for x in lines), lines
@@ -225,13 +225,13 @@ def test_eval_is_checksummed_and_an_edited_or_torn_cache_entry_is_scored_again(t
 def test_missing_corpus_is_blamed_on_the_flag(tmp_path, tiny):
     cfg = _cfg(tmp_path, tiny)
     with pytest.raises(LmfuseError) as e:
-        evaluate.run_eval(cfg, device="cpu", corpus=tmp_path / "nope.jsonl")
+        pipeline.run_eval(cfg, device="cpu", corpus=tmp_path / "nope.jsonl")
     assert e.value.where == "--corpus" and "nope.jsonl" in e.value.what
     assert "config" not in str(e.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LmfuseError) as e:
-        evaluate.run_eval(cfg, device="cpu", corpus=empty)
+        pipeline.run_eval(cfg, device="cpu", corpus=empty)
     assert e.value.where == f"--corpus {empty}" and "no .txt files" in e.value.what
 
 
@@ -240,14 +240,14 @@ def test_run_eval_refuses_unloadable_model_first(tmp_path, tiny, monkeypatch):
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation")])
     monkeypatch.setattr(evaluate, "block_nll", lambda *a, **k: pytest.fail("evaluated before checking"))
     with pytest.raises(LmfuseError, match="cannot be loaded"):
-        evaluate.run_eval(cfg, models=[("ok", tiny["bpe"]), ("broken", tmp_path / "nope")], device="cpu")
+        pipeline.run_eval(cfg, models=[("ok", tiny["bpe"]), ("broken", tmp_path / "nope")], device="cpu")
 
 
 def test_run_eval_refuses_empty_domain(tmp_path, tiny):
     cfg = _cfg(tmp_path, tiny)
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "train")])
     with pytest.raises(LmfuseError, match="'code'.*validation_fraction|validation_fraction"):
-        evaluate.run_eval(cfg, device="cpu")
+        pipeline.run_eval(cfg, device="cpu")
 
 
 def test_eval_corpus_reports_its_blocks_not_a_split(tmp_path, tiny, capsys):
@@ -256,7 +256,7 @@ def test_eval_corpus_reports_its_blocks_not_a_split(tmp_path, tiny, capsys):
     other.write_text("\n".join(json.dumps({"domain": d, "text": f"{d} text, number {i}. " * 8})
                                for d in ("poetry", "news") for i in range(3)) + "\n")
     lines = []
-    doc = evaluate.run_eval(cfg, device="cpu", corpus=other, log=lines.append)
+    doc = pipeline.run_eval(cfg, device="cpu", corpus=other, log=lines.append)
     assert doc["split"] == "all" and doc["domains"] == ["news", "poetry"]
     assert lines[0].startswith(f"eval --corpus: {doc['blocks']} blocks from 6 documents of {other} (all scored)")
     printed = capsys.readouterr().out + "\n".join(lines)
@@ -293,7 +293,7 @@ def test_a_nan_model_is_flagged_and_results_stay_valid_json(tmp_path, tiny):
         "corpus": {"path": str(tmp_path / "corpus.jsonl")}})
     _write_prepare(cfg.run_dir, [(TEXTS[0], "prose", "validation"), (TEXTS[1], "code", "validation")])
     lines = []
-    evaluate.run_eval(cfg, device="cpu", log=lines.append)
+    pipeline.run_eval(cfg, device="cpu", log=lines.append)
     text = (cfg.run_dir / "eval" / "results.json").read_text()
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))  # strict JSON
     assert doc["models"]["broken"]["non_finite"] is True

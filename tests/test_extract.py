@@ -16,13 +16,13 @@ from lmfuse.extract import (
     count_draws,
     dist_arrays,
     position_diagnostics,
-    run_extract,
     sample_from_logits,
     sampling_uniforms,
-    tokens_key,
     topk_from_logits,
 )
-from lmfuse.prepare import load_blocks, run_prepare
+from lmfuse.graph import Graph
+from lmfuse.pipeline import run_extract, run_prepare
+from lmfuse.prepare import load_blocks
 
 QUIET = {"log": lambda *a: None}
 
@@ -223,7 +223,7 @@ KILL_SCRIPT = """
 import sys, time
 from lmfuse.artifacts import ArtifactDir
 from lmfuse.config import load_config
-from lmfuse.extract import run_extract
+from lmfuse.pipeline import run_extract
 orig = ArtifactDir.write_shard
 def slow(self, i, table):
     orig(self, i, table)
@@ -430,7 +430,7 @@ def test_tokens_key_ignores_the_extract_options_and_follows_blocks_and_model(mak
     """The control is keyed on it (train.artifact): what top_k is stored must not retrain it; new
     blocks or another model (tokenizer or weights) must."""
     def key(overrides):
-        return tokens_key(load_config(make_config(overrides)), "tgt")
+        return Graph(load_config(make_config(overrides))).key("extract/tgt#tokens")
 
     base = key({})
     assert key({"extract.top_k": 3}) == key({"extract.distribution": "sampled", "extract.shard_size": 2}) == base

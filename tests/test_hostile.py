@@ -298,7 +298,8 @@ def test_prepare_stores_hostile_documents_whole(tmp_path, tiny_models):
     import re
 
     from lmfuse.config import load_config
-    from lmfuse.prepare import load_blocks, run_prepare
+    from lmfuse.pipeline import run_prepare
+    from lmfuse.prepare import load_blocks
 
     docs = ["".join(HOSTILE), "line one\r\nline two\r\n\r\nthird\x00end", "", "   \n\t ",
             "\u05e9\u05dc\u05d5\u05dd \U0001f468\u200d\U0001f469\u200d\U0001f467 e\u0301" * 40,

@@ -54,8 +54,7 @@ def test_run_skips_what_is_done_and_reruns_only_what_a_change_touches(make_confi
 
 def test_interrupted_stage_is_resumed(make_config):
     cfg = load_config(make_config({"train.max_steps": 1, "train.control": False}))
-    from lmfuse.extract import run_extract
-    from lmfuse.prepare import run_prepare
+    from lmfuse.pipeline import run_extract, run_prepare
 
     run_prepare(cfg, log=lambda *a: None)
     run_extract(cfg, "tgt", progress=False, log=lambda *a: None)
@@ -199,9 +198,8 @@ def test_each_upstream_change_reruns_exactly_the_stages_below_it(make_config, ti
 
 
 def test_damaged_shards_are_repaired_by_run_and_by_overwrite_never_used(make_config):
-    from lmfuse.align import run_align
     from lmfuse.errors import LmfuseError
-    from lmfuse.extract import run_extract
+    from lmfuse.pipeline import run_align, run_extract
 
     cfg = load_config(make_config({"train.max_steps": 1, "train.control": False}))
     quiet = {"log": lambda *a: None}
@@ -235,12 +233,9 @@ def test_an_out_of_range_token_id_is_an_error_not_a_crash(make_config, tiny_mode
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    from lmfuse.align import run_align
     from lmfuse.artifacts import write_arrow
     from lmfuse.errors import LmfuseError
-    from lmfuse.extract import run_extract
-    from lmfuse.prepare import run_prepare
-    from lmfuse.vocabmap import run_vocab_map
+    from lmfuse.pipeline import run_align, run_extract, run_prepare, run_vocab_map
 
     cfg = load_config(make_config({"sources": [{"name": "src_wp", "path": str(tiny_models["wordpiece"]),
                                                 "dtype": "float32"}]}))

@@ -5,7 +5,8 @@ import pytest
 from lmfuse.config import load_config
 from lmfuse.errors import LmfuseError
 from lmfuse.models import load_tokenizer
-from lmfuse.prepare import read_corpus, run_prepare, split_document, split_train_validation
+from lmfuse.pipeline import run_prepare
+from lmfuse.prepare import read_corpus, split_document, split_train_validation
 
 
 @pytest.fixture()

@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from lmfuse.artifacts import ArtifactDir, atomic_write_json, read_manifest
+from lmfuse.compare import compare as compare_blocks
 from lmfuse.errors import LmfuseError
 from lmfuse.evaluate import per_block, summarize
-from lmfuse.stages import verify_run
+from lmfuse.pipeline import verify_run
 from lmfuse.stats import paired_bootstrap
 from lmfuse.sweep import (
     _link,
-    compare_blocks,
     grid_variants,
     key_problem,
     load_sweep,
@@ -403,3 +403,82 @@ def test_links_never_replace_a_real_directory_and_overwrite_never_deletes_the_st
     atomic_write_json(real / "x.json", {})
     with pytest.raises(LmfuseError, match="not a link into the sweep's store"):
         _link(real, tmp_path / "store" / "align" / "k")
+
+
+# -- parts and extends ---------------------------------------------------------------------------
+def _parts_files(tmp_path: Path) -> Path:
+    """A shared sweep file in common/ and one in exp/ that extends it with two parts."""
+    (tmp_path / "common").mkdir()
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "common" / "shared.yaml").write_text(yaml.safe_dump({
+        "base": "../config.yaml", "output_dir": "../out", "seeds": [0],
+        "set": {"train.max_steps": 2, "eval.batch_size": 16}}))
+    child = tmp_path / "exp" / "parts.yaml"
+    child.write_text(yaml.safe_dump({
+        "extends": "../common/shared.yaml",
+        "set": {"train.clm_weight": 0.5},  # merged with the parent's `set`, key by key
+        "parts": {
+            "screen": {"variants": [{"name": "minCE"}, {"name": "avgCE", "set": {"train.fusion": "avgCE"}}]},
+            "seeds": {"seeds": [0, 1], "variants": [{"name": "minCE"}]},
+        }}, sort_keys=False))
+    return child
+
+
+def test_extends_merges_settings_and_parts_share_runs(make_config, tmp_path):
+    from lmfuse.sweep import build_runs, load_parts
+
+    make_config()
+    parts = load_parts(_parts_files(tmp_path))
+    assert list(parts) == ["screen", "seeds"]
+    screen, seeds = parts["screen"], parts["seeds"]
+    # The parent's paths stay relative to the parent; its `set` is merged with the child's.
+    assert screen.out_dir == tmp_path / "out" and seeds.table_dir == tmp_path / "out" / "parts" / "seeds"
+    assert screen.common == {"train.max_steps": 2, "eval.batch_size": 16, "train.clm_weight": 0.5}
+    assert [r.name for r in build_runs(screen)] == ["minCE-s0", "avgCE-s0"]
+    assert [r.name for r in build_runs(seeds)] == ["minCE-s0", "minCE-s1"]
+    assert build_runs(seeds)[0].cfg.train.clm_weight == 0.5
+    # A part-less file is one sweep; a file with parts is not one.
+    with pytest.raises(LmfuseError, match="has parts"):
+        load_sweep(tmp_path / "exp" / "parts.yaml")
+
+
+def test_part_problems_are_reported_before_any_work(make_config, tmp_path):
+    from lmfuse.sweep import load_parts
+
+    make_config()
+    child = _parts_files(tmp_path)
+    good = child.read_text()
+    data = yaml.safe_load(good)
+    data["parts"]["seeds"]["variants"] = [{"name": "minCE", "set": {"train.fusion": "avgCE"}}]
+    child.write_text(yaml.safe_dump(data))
+    with pytest.raises(LmfuseError, match="variant 'minCE' sets other keys than in part 'screen'"):
+        load_parts(child)
+    data["variants"] = [{"name": "x"}]
+    child.write_text(yaml.safe_dump(data))
+    with pytest.raises(LmfuseError, match="either `variants:` or `parts:`"):
+        load_parts(child)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"extends": "loop.yaml", "base": "config.yaml", "output_dir": "o",
+                                    "variants": [{"name": "a"}]}))
+    with pytest.raises(LmfuseError, match="extends itself"):
+        load_parts(loop)
+    child.write_text(good)
+    with pytest.raises(LmfuseError, match="no part 'nope'"):
+        run_sweep_file(child, parts=["nope"], log=lambda *a: None)
+
+
+def test_a_part_runs_alone_and_writes_its_own_table(make_config, tmp_path):
+    make_config()
+    child = _parts_files(tmp_path)
+    lines: list[str] = []
+    doc = run_sweep_file(child, parts=["seeds"], log=lines.append)
+    out = tmp_path / "out"
+    assert (out / "parts" / "seeds" / "sweep.md").exists() and not (out / "sweep.md").exists()
+    assert not (out / "parts" / "screen").exists()
+    assert [v["name"] for v in doc["variants"]] == ["minCE"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["minCE-s0", "minCE-s1"]
+    # The other part reuses minCE-s0 (the same run) and runs only what it adds.
+    lines.clear()
+    run_sweep_file(child, parts=["screen"], log=lines.append)
+    assert sum("finished earlier and current; skipped" in x for x in lines) == 1
+    assert _ran(lines).count("train/fused") == 1 and "not in the sweep any more" not in "\n".join(lines)

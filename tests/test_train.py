@@ -17,8 +17,8 @@ from lmfuse.artifacts import ArtifactDir, manifest_hash
 from lmfuse.config import FuseConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.fusion import FusionOptions
+from lmfuse.pipeline import artifact, run_train
 from lmfuse.testing import TRAIN_TEXT, make_tiny_model
-from lmfuse.train import artifact, run_train
 from lmfuse.traindata import BlockData, FusedCollator, data_order
 
 K = 4
@@ -46,14 +46,22 @@ def _topk(rng, gold, V, k, p_gold):
 
 
 def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, target_name="tgt", validation=True):
-    """prepare/, extract/<target>/ and align/<source>/ in the ARCHITECTURE.md column formats."""
+    """prepare/, extract/<target>/ and align/<source>/ in the ARCHITECTURE.md column formats, keyed
+    as the stage graph keys them for `make_cfg`'s config (so training takes them as current)."""
     from transformers import AutoTokenizer
+
+    from lmfuse.graph import Graph
+
+    g = Graph(make_cfg(run, target_dir, n_sources=n_sources or 2, target_name=target_name))  # the tests' config
+
+    def keyed(label):
+        return g[label].config_hash, g[label].input_keys
 
     tok = AutoTokenizer.from_pretrained(target_dir)
     V = len(tok)
     rng = np.random.default_rng(seed)
     texts = _texts(n_blocks)
-    prep = ArtifactDir(run / "prepare", "prepare", "p0")
+    prep = ArtifactDir(run / "prepare", "prepare", *keyed("prepare"))
     prep.begin()
     prep.write_shard(0, pa.table({
         "block_id": pa.array(range(n_blocks), pa.int64()), "doc_id": pa.array(range(n_blocks), pa.int64()),
@@ -62,7 +70,7 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
         "text": texts}))
     prep.finish(rows=n_blocks)
     enc = [tok(t, return_offsets_mapping=True) for t in texts]
-    ext = ArtifactDir(run / "extract" / target_name, "extract", "e-" + target_name, {"prepare": "p0"})
+    ext = ArtifactDir(run / "extract" / target_name, "extract", *keyed(f"extract/{target_name}"))
     ext.begin()
     cols = {k: [] for k in ("input_ids", "offset_start", "offset_end", "topk_ids", "topk_logprobs", "token_ce",
                             "seq_ce", "nll_sum", "scored_bytes")}
@@ -86,10 +94,9 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
              "seq_ce": pa.float32(), "nll_sum": pa.float64(), "scored_bytes": pa.int64()}
     ext.write_shard(0, pa.table({"block_id": pa.array(range(n_blocks), pa.int64()),
                                  **{k: pa.array(v, types[k]) for k, v in cols.items()}}))
-    ext.finish(rows=n_blocks, k=K)
+    ext.finish(rows=n_blocks, k=K, tokens_key=g.key(f"extract/{target_name}#tokens"))
     for s in range(n_sources):
-        al = ArtifactDir(run / "align" / f"src{s}", "align", f"a{s}",
-                         {"extract_target": ext.key, "extract_source": f"e-src{s}", "vocab_map": "v"})
+        al = ArtifactDir(run / "align" / f"src{s}", "align", *keyed(f"align/src{s}"))
         al.begin()
         acol = {k: [] for k in ("aligned", "topk_ids", "topk_logprobs", "token_ce", "span_nll", "span_exact",
                                 "seq_ce", "nll_per_byte")}
@@ -120,13 +127,13 @@ def write_synthetic_run(run, target_dir, n_sources=2, seed=0, n_blocks=12, targe
     return run
 
 
-def make_cfg(run, target_dir, n_sources=2, **train):
+def make_cfg(run, target_dir, n_sources=2, target_name="tgt", **train):
     base = {"max_steps": 8, "batch_size": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0, "precision": "float32",
             "clm_weight": 0.5}
     base.update(train)
     return FuseConfig.model_validate({
         "output_dir": str(run), "corpus": {"path": str(run / "corpus.jsonl")},
-        "target": {"name": "tgt", "path": str(target_dir), "dtype": "float32"},
+        "target": {"name": target_name, "path": str(target_dir), "dtype": "float32"},
         "sources": [{"name": f"src{s}", "path": str(target_dir)} for s in range(n_sources)],
         "train": base})
 
@@ -269,16 +276,16 @@ def test_control_hash_ignores_fusion_options_and_inputs(tmp_path, target_dir):
     run = write_synthetic_run(tmp_path / "run", target_dir)
     a = make_cfg(run, target_dir)
     b = make_cfg(run, target_dir, fusion="avgCE", clm_weight=0.1, temperature=2.0)
-    assert artifact(a, control=True).config_hash == artifact(b, control=True).config_hash
-    assert artifact(a).config_hash != artifact(b).config_hash
-    assert set(artifact(a).inputs) == {"extract/tgt", "align/src0", "align/src1"}
+    assert artifact(a, "train/clm").config_hash == artifact(b, "train/clm").config_hash
+    assert artifact(a, "train/fused").config_hash != artifact(b, "train/fused").config_hash
+    assert set(artifact(a, "train/fused").inputs) == {"extract/tgt", "align/src0", "align/src1"}
     from lmfuse.artifacts import read_manifest
 
-    assert artifact(a).inputs["align/src0"] == read_manifest(run / "align" / "src0")["key"]
-    assert set(artifact(a, control=True).inputs) == {"extract/tgt"}
-    assert artifact(a, control=True).path.name == "clm"
+    assert artifact(a, "train/fused").inputs["align/src0"] == read_manifest(run / "align" / "src0")["key"]
+    assert set(artifact(a, "train/clm").inputs) == {"extract/tgt"}
+    assert artifact(a, "train/clm").path.name == "clm"
     c = make_cfg(run, target_dir, learning_rate=1e-4)
-    assert artifact(a, control=True).config_hash != artifact(c, control=True).config_hash
+    assert artifact(a, "train/clm").config_hash != artifact(c, "train/clm").config_hash
 
 
 def test_control_runs_without_sources_data(tmp_path, target_dir):
@@ -319,7 +326,7 @@ def _script(tmp_path, run, target_dir, crash_after_checkpoint=None, die_in_clean
         import json, os, signal, sys
         import lmfuse.train
         from lmfuse.config import FuseConfig
-        from lmfuse.train import run_train
+        from lmfuse.pipeline import run_train
         save = lmfuse.train.save_checkpoint
         def save_then_die(acc, path, step, extra):
             out = save(acc, path, step, extra)

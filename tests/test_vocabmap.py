@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lmfuse.config import CorpusConfig, FuseConfig, ModelSpec, VocabMapConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.models import load_tokenizer
+from lmfuse.pipeline import run_vocab_map
 from lmfuse.testing import build_tokenizer, make_tiny_model, write_tiny_corpus
 from lmfuse.tokentext import token_table
 from lmfuse.vocabmap import (
@@ -22,7 +23,6 @@ from lmfuse.vocabmap import (
     load_vocab_map,
     map_vocab,
     min_edit_distance,
-    run_vocab_map,
 )
 from naive import brute_min_ed, lev
 

@@ -45,6 +45,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmfuse.compare import cell, compare, mean_std
+from lmfuse.stats import Interval
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/common.py
 
@@ -53,21 +56,16 @@ from common import (  # noqa: E402
     Picker,
     Problem,
     block_stats,
-    ci_text,
     diff_ci,
     domain_bpb,
     driver_parser,
     existing_data,
-    fmt,
     jsonable,
     log_line,
-    mean_std,
     read_domain,
     read_settings,
     run_steps,
     same_blocks,
-    seed_mean_record,
-    signed,
     train_steps,
     write_if_changed,
     write_jsonl,
@@ -387,12 +385,12 @@ def collect(settings: Settings, out: Path, parts: Sequence[str], log: Log) -> di
                          "seed": seed, "run": name,
                          "fused": domain_bpb(fused, trained) | _one(fused, settings.unseen),
                          "control": domain_bpb(clm, trained) | _one(clm, settings.unseen),
-                         "vs_control": _diffs(fused, clm, settings)}
+                         "vs_control": _diffs([fused], [clm], settings)}
                 fb, cb = models.get("fused@best"), models.get("clm@best")  # eval scores `best/` (keep_best)
                 if fb and cb:
                     entry |= {"fused_best": domain_bpb(fb, trained) | _one(fb, settings.unseen),
                               "control_best": domain_bpb(cb, trained) | _one(cb, settings.unseen),
-                              "vs_control_best": _diffs(fb, cb, settings),
+                              "vs_control_best": _diffs([fb], [cb], settings),
                               "best_steps": {"fused": _best_step(run_dir, "fused"), "control": _best_step(run_dir, "clm")}}
                 doc["runs"].append(entry)
                 recs.setdefault(variant["name"], []).append({"entry": entry, "fused": fused, "control": clm,
@@ -422,9 +420,8 @@ def _pooled(variant: str, rs: list[dict], settings: Settings) -> dict:
         cols = rs[0]["entry"][f"vs_control{when}"]
         out[f"fused{when}"] = {c: float(sum(r["entry"][f"fused{when}"][c] for r in rs) / len(rs)) for c in cols}
         out[f"control{when}"] = {c: float(sum(r["entry"][f"control{when}"][c] for r in rs) / len(rs)) for c in cols}
-        out[f"vs_control{when}"] = _diffs(seed_mean_record([r[f"fused{when}"] for r in rs]),
-                                          seed_mean_record([r[f"control{when}"] for r in rs]), settings)
-        out[f"std{when}"] = {c: mean_std([r["entry"][f"vs_control{when}"][c][0] for r in rs])[1] for c in cols}
+        out[f"vs_control{when}"] = _diffs([r[f"fused{when}"] for r in rs], [r[f"control{when}"] for r in rs], settings)
+        out[f"std{when}"] = {c: mean_std([r["entry"][f"vs_control{when}"][c][0] for r in rs]).std for c in cols}
         out[f"below_zero{when}"] = {c: sum(r["entry"][f"vs_control{when}"][c][2] < 0 for r in rs) for c in cols}
     return out
 
@@ -438,10 +435,11 @@ def _one(rec: dict, domain: str | None) -> dict[str, float]:
     return {domain: domain_bpb(rec, [domain])[domain]} if domain else {}
 
 
-def _diffs(a: dict, b: dict, settings: Settings) -> dict[str, tuple[float, float, float]]:
+def _diffs(a: list[dict], b: list[dict], settings: Settings) -> dict[str, Interval]:
+    """A − B on each trained domain, their average and the held-out-only domain (records: one per seed)."""
     out = diff_ci(a, b, settings.domains)
     if settings.unseen:
-        out[settings.unseen] = diff_ci(a, b, [settings.unseen])[settings.unseen]
+        out[settings.unseen] = compare(a, b, settings.unseen)
     return out
 
 
@@ -469,7 +467,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
     sep = "|---|" + "---:|" * len(cols)
 
     def row(label: str, bpb: dict) -> str:
-        return f"| {label} | " + " | ".join(fmt(bpb.get(c, math.nan)) for c in cols) + " |"
+        return f"| {label} | " + " | ".join(cell(bpb.get(c, math.nan), sign=False) for c in cols) + " |"
 
     for when, title in (("", "At the end of the budget"), ("_best", "At the best validation checkpoint")):
         runs = [r for r in doc["runs"] if f"fused{when}" in r]
@@ -496,7 +494,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             gaps = r.get(f"gap_closed{when}", {})
             gap_txt = ", ".join(f"{g:.1%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
             lines.append(f"| `{r['variant']}` | {r['seed']} | "
-                         + " | ".join(ci_text(r[f"vs_control{when}"][c]) for c in cols) + f" | {gap_txt} |")
+                         + " | ".join(cell(*r[f"vs_control{when}"][c]) for c in cols) + f" | {gap_txt} |")
         pooled = [p for p in doc.get("pooled", []) if f"vs_control{when}" in p]
         if pooled:
             lines += ["", "### Over seeds: mean ± std of fused − control, interval of the seed-averaged difference",
@@ -505,9 +503,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             for p in pooled:
                 gaps = p.get(f"gap_closed{when}", {})
                 gap_txt = ", ".join(f"{g:.1%}" if math.isfinite(g) else "–" for g in gaps.values()) or "–"
-                cells = [f"{signed(p[f'vs_control{when}'][c][0])} ± {p[f'std{when}'][c]:.4f} "
-                         f"[{signed(p[f'vs_control{when}'][c][1])}, {signed(p[f'vs_control{when}'][c][2])}]"
-                         for c in cols]
+                cells = [cell(*p[f"vs_control{when}"][c], p[f"std{when}"][c]) for c in cols]
                 lines.append(f"| `{p['variant']}` | {', '.join(map(str, p['seeds']))} | " + " | ".join(cells)
                              + f" | {gap_txt} |")
         lines.append("")
@@ -527,7 +523,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             continue
         d, below = p["vs_control_best"], p["below_zero_best"]
         gaps = p.get("gap_closed_best", {})
-        parts = [f"{x}: {signed(d[x][0])} [{signed(d[x][1])}, {signed(d[x][2])}], CI below zero in {below[x]} of "
+        parts = [f"{x}: {cell(*d[x])}, CI below zero in {below[x]} of "
                  f"{len(p['seeds'])} seeds, gap closed {gaps.get(x, math.nan):.1%}" for x in LEADS if x in d]
         lines.append(f"- `{p['variant']}` over seeds {', '.join(map(str, p['seeds']))}: " + "; ".join(parts) + ".")
     if doc["missing"]:

@@ -21,12 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from lmfuse.align import run_align
 from lmfuse.config import load_config
 from lmfuse.demo import demo_config
-from lmfuse.extract import run_extract
-from lmfuse.prepare import run_prepare
-from lmfuse.vocabmap import run_vocab_map
+from lmfuse.pipeline import run_align, run_extract, run_prepare, run_vocab_map
 
 FORMS = {"topk": {"distribution": "topk", "top_k": 10}, "sampled": {"distribution": "sampled", "samples": 64}}
 RULES = ("map", "consistent")

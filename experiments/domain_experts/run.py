@@ -41,32 +41,27 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmfuse.compare import BOOT_SEED, N_BOOT, cell, mean_std
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/common.py
 
 from common import (  # noqa: E402
-    BOOT_SEED,
-    N_BOOT,
     Log,
     Picker,
     Problem,
     block_stats,
-    ci_text,
     diff_ci,
     domain_bpb,
     driver_parser,
     existing_data,
-    fmt,
     jsonable,
     log_line,
-    mean_std,
     read_domain,
     read_settings,
     run_steps,
     same_blocks,
     score_best,
-    seed_mean_record,
-    signed,
     train_steps,
     write_if_changed,
     write_jsonl,
@@ -298,9 +293,7 @@ def expert_config(settings: Settings, out: Path, domain: str) -> dict:
 def step_experts(settings: Settings, out: Path, log: Log) -> dict[str, Path]:
     """Train one expert per domain: lmfuse prepare, extract (base), train(control=True)."""
     from lmfuse.config import load_config
-    from lmfuse.extract import run_extract
-    from lmfuse.prepare import run_prepare
-    from lmfuse.train import run_train
+    from lmfuse.pipeline import run_extract, run_prepare, run_train
 
     if not (out / "data" / "stats.json").exists():
         raise Problem(f"no data in {out / 'data'}: run the data step first (--steps-only data, or all steps)")
@@ -468,54 +461,29 @@ def collect(settings: Settings, out: Path, log: Log) -> dict:
             fused, clm = r["models"]["fused"], r["models"]["clm"]
             same_blocks(fused, models[lab["base"]])
             doc["fused"][name][seed] = domain_bpb(fused, doms)
-            doc["vs_control"][name][seed] = diff_ci(fused, clm, doms)
+            doc["vs_control"][name][seed] = diff_ci([fused], [clm], doms)
             for ref, rec in refs.items():
-                doc["vs_fixed"][ref][name][seed] = diff_ci(fused, rec, doms)
+                doc["vs_fixed"][ref][name][seed] = diff_ci([fused], [rec], doms)
             fused_recs.append(fused)
             clm_recs.append(clm)
             fb, cb = best_record(r, "fused", cache, log), best_record(r, "clm", cache, log)
             if fb and cb:
                 doc["fused_best"][name][seed] = domain_bpb(fb, doms)
-                doc["vs_control_best"][name][seed] = diff_ci(fb, cb, doms)
+                doc["vs_control_best"][name][seed] = diff_ci([fb], [cb], doms)
                 for ref, rec in refs.items():
-                    doc["vs_fixed_best"][ref][name][seed] = diff_ci(fb, rec, doms)
+                    doc["vs_fixed_best"][ref][name][seed] = diff_ci([fb], [rec], doms)
                 doc["best_steps"][f"{name}-s{seed}"] = fb["step"]
                 fused_best.append(fb)
                 clm_best.append(cb)
-        if len(settings.seeds) > 1:
-            doc["vs_control"][name]["pooled"] = diff_ci(seed_mean_record(fused_recs), seed_mean_record(clm_recs), doms)
+        if len(settings.seeds) > 1:  # the interval of the seed-averaged difference
+            doc["vs_control"][name]["pooled"] = diff_ci(fused_recs, clm_recs, doms)
             for ref, rec in refs.items():
-                doc["vs_fixed"][ref][name]["pooled"] = diff_ci(seed_mean_record(fused_recs), rec, doms)
+                doc["vs_fixed"][ref][name]["pooled"] = diff_ci(fused_recs, [rec], doms)
             if len(fused_best) == len(settings.seeds):
-                doc["vs_control_best"][name]["pooled"] = diff_ci(seed_mean_record(fused_best),
-                                                                 seed_mean_record(clm_best), doms)
+                doc["vs_control_best"][name]["pooled"] = diff_ci(fused_best, clm_best, doms)
                 for ref, rec in refs.items():
-                    doc["vs_fixed_best"][ref][name]["pooled"] = diff_ci(seed_mean_record(fused_best), rec, doms)
-    doc["sweep_check"] = check_against_sweep(doc, sweep_dir, doms, log)
+                    doc["vs_fixed_best"][ref][name]["pooled"] = diff_ci(fused_best, [rec], doms)
     return doc
-
-
-def check_against_sweep(doc: dict, sweep_dir: Path, doms: Sequence[str], log: Log) -> str:
-    """The per-domain fused − control intervals recomputed here must equal the sweep's (sweep.json)."""
-    path = sweep_dir / "sweep.json"
-    if not path.exists():
-        return "sweep.json not found"
-    sweep = json.loads(path.read_text())
-    worst = 0.0
-    for v in sweep["variants"]:
-        for r in v.get("runs", []):
-            mine = doc["vs_control"].get(v["name"], {}).get(r["seed"])
-            if mine is None:
-                continue
-            for d in doms:
-                theirs = r["vs_control"][d]
-                for a, b in zip(mine[d], (theirs["diff"], theirs["lo"], theirs["hi"])):
-                    if b is not None:
-                        worst = max(worst, abs(a - b))
-    msg = f"largest difference to sweep.json's per-domain fused − control intervals: {worst:.2e}"
-    if worst > 1e-9:
-        log(f"table: WARNING {msg}")
-    return msg
 
 
 def render(doc: dict, settings: Settings, stats: dict | None) -> str:
@@ -526,7 +494,8 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
     seeds_txt = ", ".join(map(str, seeds))
 
     def cell_stats(per_seed: dict, row: str) -> tuple[float, float]:
-        return mean_std([per_seed[s][row] for s in seeds if s in per_seed])
+        spread = mean_std([per_seed[s][row] for s in seeds if s in per_seed])
+        return spread.mean, spread.std
 
     def main_table(control: dict, fused: dict, suffix: str) -> list[str]:
         head = ["domain", *doc["fixed"], f"control{suffix}", *[f"fused {v}{suffix}" for v in variants]]
@@ -538,7 +507,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             best = min((m for m, _ in vals if math.isfinite(m)), default=math.nan)
             cells = []
             for m, sd in vals:
-                c = fmt(m) + (f" ± {sd:.4f}" if math.isfinite(sd) else "")
+                c = cell(m, std=sd, sign=False)
                 cells.append(f"**{c}**" if m == best else c)
             lines.append(f"| {'**average**' if row == 'average' else row} | " + " | ".join(cells) + " |")
         return lines
@@ -549,13 +518,12 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             per = diffs.get(v, {})
             for s in seeds:
                 if s in per:
-                    lines.append(f"| {v} | {s} | " + " | ".join(ci_text(per[s][r]) for r in rows) + " |")
+                    lines.append(f"| {v} | {s} | " + " | ".join(cell(*per[s][r]) for r in rows) + " |")
             if "pooled" in per:
                 cells = []
                 for r in rows:
-                    m, sd = mean_std([per[s][r][0] for s in seeds if s in per])
-                    lo, hi = per["pooled"][r][1:]
-                    cells.append(f"{signed(m)} ± {sd:.4f} [{signed(lo)}, {signed(hi)}]")
+                    spread = mean_std([per[s][r][0] for s in seeds if s in per])
+                    cells.append(cell(spread.mean, *per["pooled"][r][1:], spread.std))
                 lines.append(f"| {v} | **mean ± std** | " + " | ".join(cells) + " |")
         return lines
 
@@ -570,7 +538,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
             lower = [k for k, x in others.items() if x <= mine]
             per = diffs.get(v, {})
             wins = sum(1 for s in seeds if s in per and per[s]["average"][2] < 0)
-            out.append(f"- **fused {v}** ({when}): average {fmt(mine)}; "
+            out.append(f"- **fused {v}** ({when}): average {cell(mine, sign=False)}; "
                        + ("lower than base, every expert, the ensemble, both merges and the control" if not lower
                           else f"not the lowest: {', '.join(lower)} as low or lower")
                        + f"; beats the control on average with the 95% CI below zero in {wins} of {len(seeds)} seeds"
@@ -629,7 +597,7 @@ def render(doc: dict, settings: Settings, stats: dict | None) -> str:
     if have_best:
         lines += verdict(doc["fused_best"], doc["control_best"], doc["vs_control_best"], doc["vs_fixed_best"],
                          "best checkpoint")
-    lines += ["", f"Cross-check: {doc['sweep_check']}.", ""]
+    lines.append("")
     return "\n".join(lines)
 
 

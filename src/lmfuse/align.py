@@ -29,10 +29,12 @@ import numpy as np
 import pyarrow as pa
 from numba import njit
 
-from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
+from lmfuse.artifacts import load_complete, read_manifest
 from lmfuse.errors import LmfuseError
 from lmfuse.extract import dist_arrays, list_array
+from lmfuse.hashing import hash_obj
 from lmfuse.registry import Registry
+from lmfuse.stage import Build, Stage
 
 SCHEMA = pa.schema([
     ("block_id", pa.int64()),
@@ -655,16 +657,6 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
 
 
 # -- the stage ----------------------------------------------------------------------------------
-def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
-    """The `align/<source>` artifact; inputs are the two extractions and the vocab map."""
-    from lmfuse.stages import input_keys
-
-    cfg.model(source_name)
-    inputs = input_keys(cfg, f"align/{source_name}")
-    h = hash_obj(["align", cfg.target.name, source_name, cfg.align.model_dump()])
-    return ArtifactDir(cfg.run_dir / "align" / source_name, "align", h, inputs, overwrite)
-
-
 def _check_block(bid: int, text: str, blk: dict, name: str) -> None:
     """Refuse an extraction that was not made from this block text."""
     ends = np.asarray(blk["offset_end"], dtype=np.int64)
@@ -819,17 +811,6 @@ def check_ids(rows: list[dict], vocab_size: int, where: str, name: str) -> None:
                               fix=f"rebuild the extraction: `lmfuse extract CONFIG --model {name} --overwrite`")
 
 
-def _complete_extract(cfg, name: str):
-    from lmfuse import extract
-
-    art = extract.artifact(cfg, name)
-    state = art.state()
-    if state != "complete":
-        raise LmfuseError(f"the extraction of model {name!r} is {state}", where=str(art.path),
-                          fix=f"run `lmfuse extract` for {name} first (or `lmfuse run CONFIG`)")
-    return art, read_manifest(art.path)
-
-
 def check_extractions(tgt_manifest: dict, src_manifest: dict, tgt_name: str, src_name: str) -> None:
     """Refuse two extractions made from different block sets or shard layouts."""
     problems = []
@@ -863,88 +844,94 @@ def _fmt_share(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.1%}"
 
 
-def run_align(cfg, source_name: str, overwrite: bool = False, log=print) -> dict:
-    """Align one source's extraction to the target's (resumable, data-parallel by shard)."""
-    from lmfuse import prepare, vocabmap
-    from lmfuse.stages import run_stage
+class AlignStage(Stage):
+    """`align/<source>`: one source's distributions in the target's positions and vocabulary.
 
-    art = artifact(cfg, source_name, overwrite)
-    if art.is_complete():
-        return read_manifest(art.path)
-    tname = cfg.target.name
-    method = cfg.align.method
-    stats_dir = art.path / "stats"
-    t0 = time.time()
-    inp: dict = {}
+    Its inputs are the two extractions and the vocab map; shard i aligns shard i of both
+    extractions (their shard layouts must agree), and its diagnostics are kept beside it.
+    """
 
-    def n_shards() -> int:
-        # Called once the inputs' checksums are checked: nothing is read from them before.
-        tgt_art, tgt_man = _complete_extract(cfg, tname)
-        src_art, src_man = _complete_extract(cfg, source_name)
-        check_extractions(tgt_man, src_man, tname, source_name)
-        vmap, how, _ = vocabmap.load_vocab_map(cfg, source_name, src_man.get("tokenizer_fingerprint"),
+    kind = "align"
+    shard_stats = True
+
+    def __init__(self, cfg, source_name: str):
+        super().__init__(f"align/{source_name}")
+        self.cfg, self.source_name = cfg, source_name
+        cfg.model(source_name)
+
+    def inputs(self) -> dict[str, str]:
+        return {"extract_target": f"extract/{self.cfg.target.name}", "extract_source": f"extract/{self.source_name}",
+                "vocab_map": f"vocab_map/{self.source_name}"}
+
+    def config_hash(self) -> str:
+        return hash_obj(["align", self.cfg.target.name, self.source_name, self.cfg.align.model_dump()])
+
+    def n_shards(self, b: Build) -> int:
+        from lmfuse import vocabmap
+
+        cfg, src = self.cfg, self.source_name
+        tgt_path, src_path = b.inputs["extract_target"], b.inputs["extract_source"]
+        tgt_man, src_man = read_manifest(tgt_path), read_manifest(src_path)
+        check_extractions(tgt_man, src_man, cfg.target.name, src)
+        vmap, how, _ = vocabmap.load_vocab_map(cfg, src, src_man.get("tokenizer_fingerprint"),
                                              tgt_man.get("tokenizer_fingerprint"))
-        inp.update(tgt_art=tgt_art, src_art=src_art, src_man=src_man, vmap=vmap,
-                   exact=np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW)),
-                   tgt_vocab=int(tgt_man.get("vocab_size") or 0), src_vocab=int(src_man.get("vocab_size") or 0),
-                   blocks=prepare.artifact(cfg).load())
+        b.state.update(tgt_path=tgt_path, src_path=src_path, src_man=src_man, vmap=vmap, t0=time.time(),
+                       exact=np.isin(how, (vocabmap.EXACT, vocabmap.SPECIAL_HOW)),
+                       tgt_vocab=int(tgt_man.get("vocab_size") or 0), src_vocab=int(src_man.get("vocab_size") or 0),
+                       blocks=load_complete(cfg.run_dir / "prepare", "prepare"))
         return int(src_man["n_shards"])
 
-    def done(i: int) -> bool:
-        return art.shard_done(i) and (stats_dir / f"stats-{i:05d}.json").exists()
-
-    def write(todo: list[int]) -> None:
-        ctx = align_context(cfg, source_name)
+    def write(self, b: Build, todo: list[int]):
+        tname, sname, inp = self.cfg.target.name, self.source_name, b.state
+        ctx = align_context(self.cfg, sname)
         S, blocks = int(inp["src_man"]["shard_size"]), inp["blocks"]
         for i in todo:
             rows = blocks[i * S: (i + 1) * S]
-            tgt_rows = read_shard_rows(inp["tgt_art"].shard_path(i))
-            src_rows = read_shard_rows(inp["src_art"].shard_path(i))
-            for rws, name, vocab in ((tgt_rows, tname, inp["tgt_vocab"]), (src_rows, source_name, inp["src_vocab"])):
+            tgt_rows = read_shard_rows(inp["tgt_path"] / "shards" / f"shard-{i:05d}.arrow")
+            src_rows = read_shard_rows(inp["src_path"] / "shards" / f"shard-{i:05d}.arrow")
+            for rws, name, vocab in ((tgt_rows, tname, inp["tgt_vocab"]), (src_rows, sname, inp["src_vocab"])):
                 if len(rws) != len(rows["block_id"]):
                     raise LmfuseError(f"shard {i} of extract/{name} holds {len(rws)} blocks, "
                                       f"the prepared blocks {len(rows['block_id'])}", where=f"extract/{name}",
                                       fix=f"rerun `lmfuse extract CONFIG --model {name} --overwrite`")
                 check_ids(rws, vocab, f"extract/{name}, shard {i}", name)
-            table, stats = align_shard(method, rows["block_id"], rows["text"], tgt_rows, src_rows, inp["vmap"], ctx,
-                                       (tname, source_name), rows["domain"], inp["exact"])
-            # Stats first, shard last: a shard file on disk always has its stats.
-            atomic_write_json(stats_dir / f"stats-{i:05d}.json", stats)
-            art.write_shard(i, table)
+            table, stats = align_shard(self.cfg.align.method, rows["block_id"], rows["text"], tgt_rows, src_rows,
+                                       inp["vmap"], ctx, (tname, sname), rows["domain"], inp["exact"])
+            yield i, table, stats
 
-    def summary() -> dict:
-        n = int(inp["src_man"]["n_shards"])
+    def summary(self, b: Build, stats: list[dict]) -> dict:
         total: dict = {}
         domains: dict[str, dict] = {}
-        for i in range(n):
-            st = read_json(stats_dir / f"stats-{i:05d}.json") or {}
+        for st in stats:
             _add_stats(total, st)
             for d, dst in st.get("domains", {}).items():
                 _add_stats(domains.setdefault(d, {}), dst)
         diag = diagnostics(total)
         diag_dom = {d: diagnostics(v) for d, v in sorted(domains.items())}
-        src_man = inp["src_man"]
+        src_man = b.state["src_man"]
         return dict(
-            source=source_name, target=tname, method=method, token_rule=cfg.align.token_rule,
+            source=self.source_name, target=self.cfg.target.name, method=self.cfg.align.method,
+            token_rule=self.cfg.align.token_rule,
             distribution=src_man.get("distribution", "topk"), top_k=src_man.get("top_k"),
-            shard_size=int(src_man["shard_size"]), n_shards=n, n_blocks=len(inp["blocks"]),
+            shard_size=int(src_man["shard_size"]), n_shards=len(stats), n_blocks=len(b.state["blocks"]),
             target_positions=int(total.get("positions", 0)),
             aligned_positions=int(total.get("aligned", 0)), aligned_fraction=diag["aligned_fraction"],
             mapped_mass_fraction=diag["mapped_mass"], exact_mass_fraction=diag["exact_mass"],
             aligned_fraction_per_domain={d: v["aligned_fraction"] for d, v in diag_dom.items()},
-            diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - t0, 3),
+            diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - b.state["t0"], 3),
         )
 
-    manifest = run_stage(cfg, f"align/{source_name}", art, n_shards, write, summary, done=done, log=log)
-    if not manifest:
-        return manifest
-    diag, diag_dom = manifest["diagnostics"], manifest["diagnostics_per_domain"]
-    log(f"align {source_name} -> {tname} ({method}, token rule {cfg.align.token_rule}): "
-        f"{_fmt_share(diag['aligned_fraction'])} of target positions aligned -> {art.path}")
-    log(f"  {'domain':<14} {'aligned':>8} {'next end':>9} {'mapped':>7} {'exact':>6} {'not-tgt':>8} "
-        f"{'to gold':>8} {'dropped':>8} {'gold in':>8}")
-    for name, d in [*diag_dom.items(), ("all", diag)]:
-        log(f"  {name:<14} " + " ".join(f"{_fmt_share(d[key]):>{w}}" for key, w in (
-            ("aligned_fraction", 8), ("next_end_same", 9), ("mapped_mass", 7), ("exact_mass", 6),
-            ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8))))
-    return manifest
+    def after_finish(self, b: Build, manifest: dict) -> None:
+        diag, diag_dom = manifest["diagnostics"], manifest["diagnostics_per_domain"]
+        b.log(f"align {self.source_name} -> {self.cfg.target.name} ({self.cfg.align.method}, token rule "
+              f"{self.cfg.align.token_rule}): {_fmt_share(diag['aligned_fraction'])} of target positions aligned "
+              f"-> {b.art.path}")
+        b.log(f"  {'domain':<14} {'aligned':>8} {'next end':>9} {'mapped':>7} {'exact':>6} {'not-tgt':>8} "
+              f"{'to gold':>8} {'dropped':>8} {'gold in':>8}")
+        for name, d in [*diag_dom.items(), ("all", diag)]:
+            b.log(f"  {name:<14} " + " ".join(f"{_fmt_share(d[key]):>{w}}" for key, w in (
+                ("aligned_fraction", 8), ("next_end_same", 9), ("mapped_mass", 7), ("exact_mass", 6),
+                ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8))))
+
+    def command(self) -> str:
+        return f"lmfuse align CONFIG --source {self.source_name} --overwrite"

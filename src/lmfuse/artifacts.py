@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from lmfuse import __version__
 from lmfuse.errors import LmfuseError
-from lmfuse.fingerprint import sha256_file
+from lmfuse.hashing import hash_obj, sha256_file
 
 MANIFEST = "manifest.json"
 STAGE = "stage.json"
@@ -100,20 +100,6 @@ def writing_to(path: str | Path, doing: str) -> Iterator[None]:
         if inner is None:
             raise
         raise os_error(inner, path, doing) from e
-
-
-def hash_obj(obj: Any) -> str:
-    """A short stable hash of any JSON-serialisable object."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _umask() -> int:
@@ -509,6 +495,23 @@ class ArtifactDir:
         atomic_write_json(self.path / MANIFEST, manifest)
         self._begun = True
         return manifest
+
+
+def load_complete(path: str | Path, stage: str):
+    """A complete artifact's rows as one memory-mapped `datasets.Dataset` (file sizes checked).
+
+    For a stage reading an input the runner has already checked against its checksums.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise LmfuseError(f"{stage} artifact at {path} is not complete", where=str(path),
+                          fix=f"run `lmfuse {stage.replace('_', '-')}` first")
+    problems = damage(path, manifest)
+    if problems:
+        raise LmfuseError(f"the {stage} artifact is damaged: {'; '.join(problems[:3])}",
+                          where=str(path), fix=f"rebuild it: `{regenerate_command(path, stage)}`")
+    return load_arrow_dataset(sorted((path / "shards").glob("shard-*.arrow")))
 
 
 def check_artifact(path: str | Path, stage: str, full: bool = True) -> dict:

@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmfuse.artifacts import ArtifactDir, damage, hash_obj, read_manifest
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
 from lmfuse.fingerprint import model_fingerprint
+from lmfuse.hashing import hash_obj
 from lmfuse.modelspec import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.registry import Registry
+from lmfuse.stage import Build, Stage
 
-BASELINES: Registry[Callable[..., list[EvalModel]]] = Registry("baseline")
+# Each configured kind of baseline → the builder of its eval entries (`baselines.ensemble`, `.merge`).
+EVAL_ENTRIES: Registry[Callable[..., list[EvalModel]]] = Registry("baseline")
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
 # What a source directory holds that is no part of a merged model (an lmfuse artifact's records).
 NOT_COPIED = {"manifest.json", "stage.json", "merge.json", "log.jsonl", "README.md", "best_state.json"}
@@ -170,29 +172,6 @@ def merge_task_arithmetic(tensors: Sequence[Any], weights: Sequence[float], base
     out = b.clone()
     for t, w in zip(tensors, weights, strict=True):
         out += (t.float() - b) * w
-    return out
-
-
-def merge_state_dicts(state_dicts: Sequence[dict], weights: Sequence[float] | None = None,
-                      method: str = "linear", base: dict | None = None, names: Sequence[str] | None = None) -> dict:
-    """Merge same-shaped state dicts tensor by tensor (float math, each tensor keeps its dtype).
-
-    Args:
-        state_dicts: `n` mappings name → tensor with the same names and shapes.
-        weights: `n` weights (default equal: 1/n for linear, 1 for task arithmetic).
-        method: A name in `MERGE_METHODS`.
-        base: The base state dict for `task_arithmetic`.
-        names: Model names for error messages.
-    """
-    names = list(names or [f"model {i}" for i in range(len(state_dicts))])
-    fn = MERGE_METHODS.get(method)
-    weights = list(weights) if weights is not None else [1.0] * len(state_dicts)
-    check_same_shapes([{k: tuple(v.shape) for k, v in sd.items()} for sd in [*state_dicts, *([base] if base else [])]],
-                      [*names, *(["base"] if base else [])])
-    out = {}
-    for k in state_dicts[0]:
-        ts = [sd[k] for sd in state_dicts]
-        out[k] = _merge_tensor(fn, ts, weights, None if base is None else base[k])
     return out
 
 
@@ -361,7 +340,7 @@ def merge_dir(cfg: FuseConfig, entry: dict) -> Path:
     return cfg.run_dir / MERGE_DIR / safe_name(merge_label(entry))
 
 
-@BASELINES.register("ensemble")
+@EVAL_ENTRIES.register("ensemble")
 def ensemble_entries(cfg: FuseConfig) -> list[EvalModel]:
     out = []
     for i, group in enumerate(cfg.baselines.ensemble):
@@ -370,7 +349,7 @@ def ensemble_entries(cfg: FuseConfig) -> list[EvalModel]:
     return out
 
 
-@BASELINES.register("merge")
+@EVAL_ENTRIES.register("merge")
 def merge_entries(cfg: FuseConfig) -> list[EvalModel]:
     out = []
     for entry in cfg.baselines.merge:
@@ -381,65 +360,69 @@ def merge_entries(cfg: FuseConfig) -> list[EvalModel]:
 
 def eval_models(cfg: FuseConfig) -> list[EvalModel]:
     """The configured baselines as `EvalModel`s (merges must be built: `build_merges`)."""
-    return [m for name in BASELINES.names() for m in BASELINES.get(name)(cfg)]
+    return [m for name in EVAL_ENTRIES.names() for m in EVAL_ENTRIES.get(name)(cfg)]
 
 
-def merge_artifact(cfg: FuseConfig, entry: dict, where: str = "baselines.merge") -> ArtifactDir:
-    """The artifact of one configured merge, keyed by its method and weights (config hash) and by
-    the content fingerprints of the models it merges and of its base (inputs), so new weights at
-    the same path make it stale."""
-    specs = [resolve_name(cfg, n, where) for n in entry["models"]]
-    base = resolve_name(cfg, entry["base"], where) if entry.get("base") else None
-    method = entry.get("method", "linear")
-    config_hash = hash_obj({"method": method, "weights": entry.get("weights"), "models": entry["models"],
-                            "base": entry.get("base") if method == "task_arithmetic" else None})
-    inputs = {f"model/{s.name}": model_fingerprint(s) for s in specs}
-    if base is not None and method == "task_arithmetic":
-        inputs[f"base/{base.name}"] = model_fingerprint(base)
-    return ArtifactDir(merge_dir(cfg, entry), "merge", config_hash, inputs)
+class MergeStage(Stage):
+    """`merge/<label>`: one configured merge baseline, an HF model directory.
 
-
-def build_merges(cfg: FuseConfig, overwrite: bool = False, log: Callable[[str], Any] = print) -> list[Path]:
-    """Build every configured merge as an artifact under `RUN/merge/<label>/`.
-
-    A complete merge whose key matches and whose files match their checksums (contents, not just
-    sizes: reuse reads it as an input) is reused; a missing, partial, damaged or stale one (other
-    weights, method or model files) is built again, a damaged one with a line saying so. The
-    merged directory is written whole (temp dir + rename) and the manifest, with every file's
-    checksum, last.
-
-    Returns:
-        The merge directories, in config order.
+    Keyed by its method and weights (config hash) and by the content fingerprints of the models
+    it merges and of its base (inputs), so new weights at the same path make it stale. Eval reads
+    it as an input, so a complete merge is checked by content before reuse and rebuilt if damaged.
+    The merged directory is written whole (temp dir + rename) and the manifest, with every
+    file's checksum, last.
     """
-    from lmfuse.models import resolve_model
 
-    outs = []
-    for i, entry in enumerate(cfg.baselines.merge):
-        where = f"baselines.merge[{i}]"
-        art = merge_artifact(cfg, entry, where)
-        state = "missing" if overwrite else art.state()
-        problems = art.problems if state == "damaged" else []
-        if state == "complete":
-            problems = damage(art.path, read_manifest(art.path), full=True)
-            if not problems:
-                outs.append(art.path)
-                continue
-        if problems:
-            log(f"merge: {art.path} is damaged ({'; '.join(problems[:3])}); building it again")
-        specs = [resolve_name(cfg, n, where) for n in entry["models"]]
-        base = resolve_name(cfg, entry["base"], where) if entry.get("base") else None
-        method = entry.get("method", "linear")
+    kind = "merge"
+    verify_on_reuse = True
+
+    def __init__(self, cfg: FuseConfig, index: int):
+        self.cfg, self.index = cfg, index
+        self.entry = cfg.baselines.merge[index]
+        self.where = f"baselines.merge[{index}]"
+        super().__init__(f"{MERGE_DIR}/{safe_name(merge_label(self.entry))}")
+
+    def _specs(self) -> tuple[list[ModelSpec], ModelSpec | None]:
+        specs = [resolve_name(self.cfg, n, self.where) for n in self.entry["models"]]
+        base = resolve_name(self.cfg, self.entry["base"], self.where) if self.entry.get("base") else None
+        return specs, base
+
+    def config_hash(self) -> str:
+        e = self.entry
+        method = e.get("method", "linear")
+        return hash_obj({"method": method, "weights": e.get("weights"), "models": e["models"],
+                         "base": e.get("base") if method == "task_arithmetic" else None})
+
+    def input_values(self) -> dict[str, str]:
+        specs, base = self._specs()
+        inputs = {f"model/{s.name}": model_fingerprint(s) for s in specs}
+        if base is not None and self.entry.get("method", "linear") == "task_arithmetic":
+            inputs[f"base/{base.name}"] = model_fingerprint(base)
+        return inputs
+
+    def shard_done(self, b: Build, i: int) -> bool:
+        return bool(b.state.get("written"))  # damaged files are not patched: the merge is made whole again
+
+    def write(self, b: Build, todo: list[int]):
+        from lmfuse.models import resolve_model
+
+        specs, base = self._specs()
+        e = self.entry
+        method = e.get("method", "linear")
         if method == "task_arithmetic" and base is None:
-            raise LmfuseError("task_arithmetic needs a base", where=where, fix="set `base: MODEL_NAME`")
+            raise LmfuseError("task_arithmetic needs a base", where=self.where, fix="set `base: MODEL_NAME`")
         check_same_tokenizer(specs + ([base] if base else []), "merge")
-        log(f"merge: building {art.path.name} ({method} of {', '.join(entry['models'])}) -> {art.path}")
-        merge_models([Path(resolve_model(s)) for s in specs], art.path, entry.get("weights"), method,
+        b.log(f"merge: building {b.art.path.name} ({method} of {', '.join(e['models'])}) -> {b.art.path}")
+        merge_models([Path(resolve_model(s)) for s in specs], b.art.path, e.get("weights"), method,
                      None if method == "linear" or base is None else Path(resolve_model(base)),
                      names=[s.name for s in specs])
-        art.finish(method=method, models=list(entry["models"]), weights=entry.get("weights"),
-                   base=entry.get("base"))
-        outs.append(art.path)
-    return outs
+        b.state["written"] = True
+        return iter(())
+
+    def summary(self, b: Build, stats: list[dict]) -> dict:
+        e = self.entry
+        return dict(method=e.get("method", "linear"), models=list(e["models"]), weights=e.get("weights"),
+                    base=e.get("base"))
 
 
 def preflight(cfg: FuseConfig) -> None:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmfuse.artifacts import atomic_write_json, file_hash, read_json, writing_to
+from lmfuse.artifacts import atomic_write_json, read_json, writing_to
+from lmfuse.hashing import file_hash
 
 CKPT_DIR = "checkpoints"
 CKPT_STATE = "trainer_state.json"

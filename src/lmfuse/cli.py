@@ -57,7 +57,7 @@ def validate(config: Config):
 @app.command()
 def prepare(config: Config, overwrite: Overwrite = False):
     """Cut the corpus into blocks that every model's tokenizer fits; train/validation split."""
-    from lmfuse.prepare import run_prepare
+    from lmfuse.pipeline import run_prepare
 
     run_prepare(_cfg(config), overwrite=overwrite)
 
@@ -68,7 +68,7 @@ def extract(config: Config,
                                                             help="model name (repeatable); default: all")] = None,
             overwrite: Overwrite = False):
     """Run models over the blocks and store their top-k next-token distributions."""
-    from lmfuse.extract import run_extract
+    from lmfuse.pipeline import run_extract
 
     _each(config, model, lambda cfg: cfg.models, run_extract, overwrite)
 
@@ -76,7 +76,7 @@ def extract(config: Config,
 @app.command("vocab-map")
 def vocab_map(config: Config, source: Sources = None, overwrite: Overwrite = False):
     """Map each source's vocabulary into the target's."""
-    from lmfuse.vocabmap import run_vocab_map
+    from lmfuse.pipeline import run_vocab_map
 
     _each(config, source, lambda cfg: cfg.sources, run_vocab_map, overwrite)
 
@@ -84,7 +84,7 @@ def vocab_map(config: Config, source: Sources = None, overwrite: Overwrite = Fal
 @app.command()
 def align(config: Config, source: Sources = None, overwrite: Overwrite = False):
     """Align each source's distributions to the target's positions and vocabulary."""
-    from lmfuse.align import run_align
+    from lmfuse.pipeline import run_align
 
     _each(config, source, lambda cfg: cfg.sources, run_align, overwrite)
 
@@ -94,12 +94,9 @@ def train(config: Config,
           control: Annotated[bool, typer.Option("--control", help="train the λ = 1 control instead")] = False,
           overwrite: Overwrite = False):
     """Continually train the target on λ·CLM + (1−λ)·fusion loss."""
-    from lmfuse.lock import run_lock
-    from lmfuse.train import run_train
+    from lmfuse.pipeline import run_train
 
-    cfg = _cfg(config)
-    with run_lock(cfg.run_dir):
-        run_train(cfg, control=control, overwrite=overwrite)
+    run_train(_cfg(config), control=control, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -113,7 +110,7 @@ def eval_(config: Config,
               metavar="DEV", help="torch device, e.g. cuda:1 (default: cuda if available)")] = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="ignore cached per-model results")] = False):
     """Bits-per-byte and perplexity per domain for target, sources, fused model, baselines and more."""
-    from lmfuse.evaluate import run_eval
+    from lmfuse.pipeline import run_eval
 
     extra = []
     for item in model or []:
@@ -121,28 +118,22 @@ def eval_(config: Config,
         if not sep or not label or not path:
             raise LmfuseError(f"--model {item!r} is not LABEL=PATH", fix="e.g. --model mine=/models/my-hf-dir")
         extra.append((label, path))
-    from lmfuse.lock import run_lock
-
-    cfg = _cfg(config)
-    with run_lock(cfg.run_dir):
-        run_eval(cfg, overwrite=overwrite, device=device, extra=extra, corpus=corpus)
+    run_eval(_cfg(config), overwrite=overwrite, device=device, extra=extra, corpus=corpus)
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run's output directory", metavar="RUN_DIR")]):
     """Write a Markdown + HTML report with plots for a run directory."""
-    from lmfuse.lock import run_lock
-    from lmfuse.report import write_report
+    from lmfuse.pipeline import write_report
 
-    with run_lock(run_dir):
-        md = write_report(run_dir)
+    md = write_report(run_dir)
     typer.echo(f"report: {md.with_name('report.html')} (and {md.name})")
 
 
 @app.command()
 def verify(run_dir: Annotated[Path, typer.Argument(help="a run's output directory", metavar="RUN_DIR")]):
     """Check every artifact of a run: files against their checksums, keys against their inputs."""
-    from lmfuse.stages import verify_run
+    from lmfuse.pipeline import verify_run
 
     checks = verify_run(run_dir)
     for c in checks:
@@ -166,11 +157,14 @@ def run(config: Config, overwrite: Overwrite = False):
 @app.command()
 def sweep(sweep_file: Annotated[Path, typer.Argument(help="the sweep file (docs/sweep.md)", metavar="SWEEP.yaml")],
           dry_run: Annotated[bool, typer.Option("--dry-run", help="check every variant and list the runs; run nothing")
-                             ] = False):
+                             ] = False,
+          part: Annotated[list[str] | None, typer.Option(
+              "--part", metavar="NAME", help="run only this part of the sweep file (repeatable); default: all")
+                          ] = None):
     """Variants of one config × seeds, sharing common artifacts; writes OUT/sweep.md, .html, .json."""
     from lmfuse.sweep import run_sweep_file
 
-    run_sweep_file(sweep_file, dry_run=dry_run)
+    run_sweep_file(sweep_file, dry_run=dry_run, parts=part)
 
 
 @app.command()

@@ -36,16 +36,18 @@ from lmfuse.artifacts import (
     atomic_write_json,
     check_artifact,
     file_records,
-    hash_obj,
     manifest_hash,
     read_json,
     record_hash,
 )
+from lmfuse.batches import padded_batches
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
-from lmfuse.modelspec import EvalModel, dir_spec, fingerprint, hf_model_dir, safe_name
+from lmfuse.fingerprint import model_fingerprint
+from lmfuse.hashing import hash_obj
+from lmfuse.modelspec import EvalModel, dir_spec, hf_model_dir, safe_name
+from lmfuse.stats import bits_per_byte
 
-LN2 = math.log(2.0)
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
 BEST = "@best"  # label suffix of a model at its best validation checkpoint (`train.keep_best`)
 CACHE_HASH = "record_sha256"  # a cache entry's checksum of its own other fields
@@ -128,14 +130,7 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
     bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else "eval", unit="block",
                disable=not progress, leave=False)
     with torch.inference_mode():
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            width = len(ids[batch[0]])
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-                mask[r, :len(ids[i])] = 1
+        for batch, _, input_ids, mask in padded_batches(ids, batch_size, pad, todo):
             input_ids, mask = input_ids.to(device), mask.to(device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
             for r, i in enumerate(batch):
@@ -153,7 +148,7 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
 
 def _metrics(nll: float, tokens: int, nbytes: int, blocks: int) -> dict[str, float | int]:
     return {
-        "bpb": nll / (LN2 * nbytes) if nbytes else float("nan"),
+        "bpb": bits_per_byte(nll, nbytes),
         "ppl": math.exp(nll / tokens) if tokens else float("nan"),
         "nll": nll, "tokens": tokens, "bytes": nbytes, "blocks": blocks,
     }
@@ -398,25 +393,13 @@ def corpus_config(cfg: FuseConfig, corpus: str | Path) -> FuseConfig:
     })
 
 
-def _prepare_corpus(data_cfg: FuseConfig, given: str | Path, log: Callable[[str], Any]) -> None:
-    """Prepare an `--corpus` once; say how many blocks it gave (it has no split to report)."""
-    from lmfuse.prepare import run_prepare
-
-    try:
-        manifest = run_prepare(data_cfg, log=lambda *a, **k: None)
-    except LmfuseError as e:
-        if e.where in ("corpus.path", str(data_cfg.corpus.path)):  # the flag, not the config, named it
-            raise LmfuseError(e.what, where=f"--corpus {given}", fix=e.fix) from e
-        raise
-    manifest = manifest or {}
-    log(f"eval --corpus: {manifest.get('n_blocks', '?')} blocks from {manifest.get('n_docs', '?')} documents "
-        f"of {given} (all scored) -> {data_cfg.run_dir}")
-
-
 def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, overwrite: bool = False,
              device: str | None = None, extra: Sequence[tuple[str, Any]] = (),
              corpus: str | Path | None = None, log: Callable[[str], Any] = print) -> dict:
     """Evaluate models on the held-out blocks; write `RUN/eval/results.json` and `results.md`.
+
+    The runner (`runner.evaluate`) calls it under the run's lock, once the trained models are
+    checked and the merges built.
 
     Args:
         cfg: The `FuseConfig`.
@@ -431,28 +414,17 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
     Returns:
         The results object written to `results.json`.
     """
-    from lmfuse.lock import run_lock
-
-    with run_lock(cfg.run_dir):  # one writer per run directory; re-entrant under `run`
-        return _run_eval(cfg, models, overwrite, device, extra, corpus, log)
-
-
-def _run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None, overwrite: bool, device: str | None,
-              extra: Sequence[tuple[str, Any]], corpus: str | Path | None, log: Callable[[str], Any]) -> dict:
     from lmfuse.parallel import device as default_device
 
     t0 = time.time()
     device = device or default_device()
     data_cfg = cfg
     if corpus is not None:
-        data_cfg = corpus_config(cfg, corpus)
-        _prepare_corpus(data_cfg, corpus, log)
+        data_cfg = corpus_config(cfg, corpus)  # prepared by the runner (`runner.evaluate`)
     split = data_cfg.eval.split
     blocks, data_hash = load_blocks(data_cfg)
     chosen = select_blocks(blocks, split)
     if models is None:
-        check_trained(cfg)  # before a merge or eval reads the trained weights
-        baselines.build_merges(cfg)  # merge baselines are model dirs: build them (cached) first
         entries = _as_eval_models([*default_models(cfg), *extra])
     else:
         entries = _as_eval_models(models)
@@ -469,7 +441,7 @@ def _run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None, overwri
     results: dict[str, Any] = {}
     used: list[Path] = []  # the cache entries behind the results, recorded in the manifest
     for m in entries:
-        key = hash_obj([[fingerprint(s) for s in m.specs()], data_hash, split, cfg.eval.dtype,
+        key = hash_obj([[[s.dtype, model_fingerprint(s)] for s in m.specs()], data_hash, split, cfg.eval.dtype,
                         [b["block_id"] for b in chosen]])
         cache = cache_dir / f"{safe_name(m.label)}-{key}.json"
         rec, why = (None, None) if overwrite else read_cached(cache)

@@ -23,10 +23,13 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from lmfuse.artifacts import ArtifactDir, atomic_write_json, hash_obj, read_json, read_manifest
+from lmfuse.artifacts import load_complete
+from lmfuse.batches import padded_batches
 from lmfuse.errors import LmfuseError
 from lmfuse.fingerprint import model_fingerprint
+from lmfuse.hashing import hash_obj
 from lmfuse.parallel import device, rank_world
+from lmfuse.stage import Build, Stage
 
 
 def id_type(vocab_size: int) -> pa.DataType:
@@ -301,34 +304,6 @@ def encode_blocks(tok, texts: list[str]) -> list[dict]:
     return out
 
 
-def artifact(cfg, model_name: str, overwrite: bool = False) -> ArtifactDir:
-    """The `extract/<model>` artifact; its hash covers the model entry, the contents of the
-    model's weight, config and tokenizer files (new weights at the same path rerun it), and the
-    extract options; its input is `prepare`."""
-    from lmfuse.stages import input_keys
-
-    spec = cfg.model(model_name)
-    h = hash_obj(["extract", spec.model_dump(exclude={"name"}), model_fingerprint(spec), cfg.extract.model_dump()])
-    # zstd: extract shards are the largest artifact (per-token distributions); docs/extract.md.
-    return ArtifactDir(cfg.run_dir / "extract" / model_name, "extract", h,
-                       input_keys(cfg, f"extract/{model_name}"), overwrite, compression="zstd")
-
-
-def tokens_key(cfg, model_name: str) -> str:
-    """The key of the token ids (and the model) behind `extract/<model>`, recorded in its manifest.
-
-    It covers what the extraction key covers except the extract options (`top_k`, `distribution`,
-    ...), which change only the stored distributions: the model entry, its files' contents and the
-    prepared blocks. The control (λ = 1) reads only the target's token ids and starts from its
-    weights, so it is keyed on this (`train.artifact`), and a new `top_k` leaves it current.
-    """
-    from lmfuse.stages import input_keys
-
-    spec = cfg.model(model_name)
-    return hash_obj(["tokens", spec.model_dump(exclude={"name"}), model_fingerprint(spec),
-                     input_keys(cfg, f"extract/{model_name}")])
-
-
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
     lengths = np.array([len(r) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -373,19 +348,10 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
 
     sampled = opts.distribution == "sampled"
     encs = encode_blocks(tok, texts)
-    order = sorted(range(len(texts)), key=lambda i: (-len(encs[i]["input_ids"]), i))  # less padding
     results: dict[int, dict] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = 0
-    for b in range(0, len(order), opts.batch_size):
-        idx = order[b:b + opts.batch_size]
-        lens = [len(encs[i]["input_ids"]) for i in idx]
-        T = max(lens)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : lens[r]] = torch.tensor(encs[i]["input_ids"])
-            mask[r, : lens[r]] = 1
+    for idx, lens, ids, mask in padded_batches([e["input_ids"] for e in encs], opts.batch_size, pad):
         with torch.inference_mode():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         vocab = logits.shape[-1]
@@ -450,101 +416,117 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
     return pa.table(cols, schema=schema), stats
 
 
-def _stats_path(art: ArtifactDir, i: int):
-    return art.path / "stats" / f"stats-{i:05d}.json"
+class ExtractStage(Stage):
+    """`extract/<model>`: one model's next-token distributions over every prepared block.
 
-
-def run_extract(cfg, model_name: str, overwrite: bool = False, log=print, progress: bool = True) -> dict:
-    """Extract one model's distributions over all prepared blocks (resumable, data-parallel).
-
-    Each shard's diagnostics go to `stats/stats-XXXXX.json` before the shard itself, so a
-    shard on disk always has its stats, and the manifest aggregates them at the end.
+    Its hash covers the model entry, the contents of the model's weight, config and tokenizer
+    files (new weights at the same path rerun it) and the extract options; its input is
+    `prepare`. Shard i holds blocks [i*shard_size, (i+1)*shard_size), whatever the number of
+    processes; each shard's diagnostics are kept beside it and summed in the manifest.
     """
-    from tqdm.auto import tqdm
 
-    from lmfuse import prepare
-    from lmfuse.models import load_model, load_tokenizer, tokenizer_fingerprint
-    from lmfuse.stages import run_stage
+    kind = "extract"
+    compression = "zstd"  # extract shards are the largest artifact (per-token distributions); docs/extract.md
+    shard_stats = True
 
-    art = artifact(cfg, model_name, overwrite)
-    if art.is_complete():
-        return read_manifest(art.path)
-    blocks = prepare.artifact(cfg).load()
-    spec = cfg.model(model_name)
-    opts = cfg.extract
-    k, S = opts.top_k, opts.shard_size
-    sampled = opts.distribution == "sampled"
-    n_shards = math.ceil(len(blocks) / S)
-    t0, n_tok = time.time(), 0
+    def __init__(self, cfg, model_name: str, progress: bool = True):
+        super().__init__(f"extract/{model_name}")
+        self.cfg, self.model_name, self.progress = cfg, model_name, progress
+        self.spec = cfg.model(model_name)
 
-    def done(i: int) -> bool:
-        return art.shard_done(i) and _stats_path(art, i).exists()
+    def inputs(self) -> dict[str, str]:
+        return {"prepare": "prepare"}
 
-    def write(todo: list[int]) -> None:
-        nonlocal n_tok
-        tok = load_tokenizer(spec)
+    def config_hash(self) -> str:
+        return hash_obj(["extract", self.spec.model_dump(exclude={"name"}), model_fingerprint(self.spec),
+                         self.cfg.extract.model_dump()])
+
+    def derived_keys(self, key: str, input_keys: dict[str, str]) -> dict[str, str]:
+        """`tokens`: the key of the token ids (and the model) behind this extraction.
+
+        It covers what the extraction key covers except the extract options (`top_k`,
+        `distribution`, ...), which change only the stored distributions. The control (λ = 1)
+        reads only the target's token ids and starts from its weights, so it is keyed on this,
+        and a new `top_k` leaves it current.
+        """
+        return {"tokens": hash_obj(["tokens", self.spec.model_dump(exclude={"name"}), model_fingerprint(self.spec),
+                                    input_keys])}
+
+    def n_shards(self, b: Build) -> int:
+        b.state.update(blocks=load_complete(b.inputs["prepare"], "prepare"), t0=time.time(), n_tok=0)
+        return math.ceil(len(b.state["blocks"]) / self.cfg.extract.shard_size)
+
+    def write(self, b: Build, todo: list[int]):
+        from tqdm.auto import tqdm
+
+        from lmfuse.models import load_model, load_tokenizer
+
+        opts, st, blocks = self.cfg.extract, b.state, b.state["blocks"]
+        k, S = opts.top_k, opts.shard_size
+        tok = load_tokenizer(self.spec)
         dev = device()
-        model = load_model(spec, device=dev)
-        if not sampled and k > len(tok):
+        model = load_model(self.spec, device=dev)
+        if opts.distribution != "sampled" and k > len(tok):
             raise LmfuseError(f"top_k {k} exceeds the vocabulary size {len(tok)}", where="extract.top_k",
                               fix=f"set extract.top_k to at most {len(tok)}")
-        bar = tqdm(total=sum(min(S, len(blocks) - i * S) for i in todo), unit="block", disable=not progress,
-                   desc=f"extract {model_name}" + (" [rank {}/{}]".format(*rank_world()) if rank_world()[1] > 1 else ""))
+        rank = " [rank {}/{}]".format(*rank_world()) if rank_world()[1] > 1 else ""
+        bar = tqdm(total=sum(min(S, len(blocks) - i * S) for i in todo), unit="block", disable=not self.progress,
+                   desc=f"extract {self.model_name}{rank}")
+
+        def on_tokens(n):
+            st["n_tok"] += n
+            bar.set_postfix_str(f"{st['n_tok'] / max(time.time() - st['t0'], 1e-9):,.0f} tok/s")
+
         for i in todo:
             rows = blocks[i * S: (i + 1) * S]
-
-            def on_tokens(n):
-                nonlocal n_tok
-                n_tok += n
-                bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s")
-
-            table, stats = extract_shard(model, tok, rows["block_id"], rows["text"], opts, dev, model_name,
+            table, stats = extract_shard(model, tok, rows["block_id"], rows["text"], opts, dev, self.model_name,
                                          on_tokens, rows["domain"])
-            # Stats first, shard last: a shard file on disk always has its stats.
-            atomic_write_json(_stats_path(art, i), stats)
-            art.write_shard(i, table)
+            yield i, table, stats
             bar.update(len(rows["block_id"]))
         bar.close()
 
-    def summary() -> dict:
+    def summary(self, b: Build, stats: list[dict]) -> dict:
+        from lmfuse.models import load_tokenizer, tokenizer_fingerprint
+
+        opts, spec, st = self.cfg.extract, self.spec, b.state
         total: dict = {}
         domains: dict[str, dict] = {}
         nll_sum, scored_bytes = 0.0, 0
-        for i in range(n_shards):
-            st = read_json(_stats_path(art, i)) or {}
-            _add_stats(total, st)
-            nll_sum += st.get("nll_sum", 0.0)
-            scored_bytes += st.get("scored_bytes", 0)
-            for d, dst in st.get("domains", {}).items():
+        for s in stats:
+            _add_stats(total, s)
+            nll_sum += s.get("nll_sum", 0.0)
+            scored_bytes += s.get("scored_bytes", 0)
+            for d, dst in s.get("domains", {}).items():
                 _add_stats(domains.setdefault(d, {}), dst)
         tok = load_tokenizer(spec)
         n_tokens = int(total.get("positions", 0))
-        size = sum(p.stat().st_size for p in art.shard_paths())
-        elapsed = time.time() - t0
-        form = {"samples": opts.samples, "seed": opts.seed} if sampled else {"top_k": k}
+        size = sum(p.stat().st_size for p in b.art.shard_paths())
+        elapsed = time.time() - st["t0"]
+        sampled = opts.distribution == "sampled"
+        form = {"samples": opts.samples, "seed": opts.seed} if sampled else {"top_k": opts.top_k}
+        diag = summarize_stats(total)
         return dict(
-            model=model_name, model_path=spec.path, dtype=spec.dtype, distribution=opts.distribution, **form,
-            max_entries=int(total.get("max_entries", 0)), shard_size=S, n_shards=n_shards,
-            n_blocks=len(blocks), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
+            model=self.model_name, model_path=spec.path, dtype=spec.dtype, distribution=opts.distribution, **form,
+            max_entries=int(total.get("max_entries", 0)), shard_size=opts.shard_size, n_shards=len(stats),
+            n_blocks=len(st["blocks"]), n_tokens=n_tokens, bytes_per_token=round(size / max(n_tokens, 1), 2),
             tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
-            tokens_key=tokens_key(cfg, model_name),
-            tokens_per_second=round(n_tok / elapsed, 1) if n_tok else None,
+            tokens_per_second=round(st["n_tok"] / elapsed, 1) if st["n_tok"] else None,
             mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
-            mass_kept=summarize_stats(total)["mass_kept"],
-            gold_in_stored_fraction=summarize_stats(total)["gold_in_stored_fraction"],
-            entries_per_position=summarize_stats(total)["entries_per_position"],
-            diagnostics_per_domain={d: summarize_stats(st) for d, st in sorted(domains.items())},
+            mass_kept=diag["mass_kept"], gold_in_stored_fraction=diag["gold_in_stored_fraction"],
+            entries_per_position=diag["entries_per_position"],
+            diagnostics_per_domain={d: summarize_stats(s) for d, s in sorted(domains.items())},
         )
 
-    manifest = run_stage(cfg, f"extract/{model_name}", art, n_shards, write, summary, done=done, log=log)
-    if not manifest:
-        return manifest
-    what = f"{opts.samples} draws" if sampled else f"top-{k}"
-    log(f"extract {model_name} ({what}): {len(blocks)} blocks, {manifest['n_tokens']} tokens, "
-        f"{manifest['bytes_per_token']} bytes on disk per token, {manifest['entries_per_position']} entries/position keeping "
-        f"{manifest['mass_kept']:.1%} of the probability mass, gold token stored at "
-        f"{manifest['gold_in_stored_fraction']:.1%} of positions -> {art.path}")
-    log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
-        {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
-         for d, s in manifest["diagnostics_per_domain"].items()}))
-    return manifest
+    def after_finish(self, b: Build, manifest: dict) -> None:
+        opts = self.cfg.extract
+        what = f"{opts.samples} draws" if opts.distribution == "sampled" else f"top-{opts.top_k}"
+        b.log(f"extract {self.model_name} ({what}): {manifest['n_blocks']} blocks, {manifest['n_tokens']} tokens, "
+              f"{manifest['bytes_per_token']} bytes on disk per token, {manifest['entries_per_position']} "
+              f"entries/position keeping {manifest['mass_kept']:.1%} of the probability mass, gold token stored at "
+              f"{manifest['gold_in_stored_fraction']:.1%} of positions -> {b.art.path}")
+        b.log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
+            {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
+             for d, s in manifest["diagnostics_per_domain"].items()}))
+
+    def command(self) -> str:
+        return f"lmfuse extract CONFIG --model {self.model_name} --overwrite"

@@ -1,24 +1,18 @@
 """Fingerprints of the files a stage reads: a model's weights, config and tokenizer, by content.
 
 An artifact's key must change when a model's files change at the same path (a fine-tuned
-checkpoint saved over the old one), so keys hash file contents, not paths. A content hash of a
-multi-GB weights file takes seconds, so each file's sha256 is remembered by (resolved path,
-size, mtime_ns, ctime_ns, inode): in memory, and for files of 1 MiB or more in
-`$LMFUSE_HOME/hashes/`, so a model is hashed once, not on every `lmfuse run`. Any write to a
-file changes its ctime (even one that puts the mtime back), and a file replaced by a rename
-has a new inode, so a changed file is never taken for the old one.
-
-A leaf module (standard library only at import time): every stage and `evaluate` can use it.
+checkpoint saved over the old one), so keys hash file contents, not paths (`hashing.cached_sha256`
+remembers each file's hash). This is the one fingerprint of a model: extraction keys, the eval
+cache and merges all use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-PERSIST_MIN_BYTES = 1 << 20  # smaller files are hashed again (faster than a cache lookup on disk)
+from lmfuse.hashing import cached_sha256
 
 # Files of a model directory that change what it computes. Anything else (README, logs, a
 # training run's checkpoints/) is left out, so a model card edit does not invalidate extractions.
@@ -27,62 +21,6 @@ CONFIG_NAMES = ("config.json", "generation_config.json", "model.safetensors.inde
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece",
                       "sentencepiece", "chat_template")
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")
-
-_MEMO: dict[tuple, str] = {}
-
-
-def _stat_key(path: Path) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-def _hashes_dir() -> Path:
-    from lmfuse.models import cache_home
-
-    return cache_home() / "hashes"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The sha256 (hex) of a file's bytes, read now (no cache): for checking artifacts."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cached_sha256(path: str | Path) -> str:
-    """A file's sha256, remembered by (resolved path, size, mtime_ns, ctime_ns, inode).
-
-    Files of `PERSIST_MIN_BYTES` or more are remembered across processes under
-    `$LMFUSE_HOME/hashes/` (one small file per entry: concurrent runs never race on a shared
-    index); a cache that cannot be written is skipped silently (it only saves time).
-    """
-    path = Path(path)
-    key = _stat_key(path)
-    if key in _MEMO:
-        return _MEMO[key]
-    entry = None
-    if key[1] >= PERSIST_MIN_BYTES:
-        entry = _hashes_dir() / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32] + ".txt")
-        try:
-            digest = entry.read_text().strip()
-            if len(digest) == 64:
-                _MEMO[key] = digest
-                return digest
-        except OSError:
-            pass
-    digest = sha256_file(path)
-    _MEMO[key] = digest
-    if entry is not None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-            tmp.write_text(digest + "\n")
-            os.replace(tmp, entry)
-        except OSError:
-            pass
-    return digest
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -48,13 +48,14 @@ def _rank() -> int:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path, command: str | None = None) -> Iterator[None]:
+def run_lock(run_dir: str | Path, command: str | None = None, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the run directory's lock for the body; fail at once if another process holds it.
 
     Args:
         run_dir: The run directory (created if missing).
         command: What this process is doing, for the other process's error message
             (default: its command line).
+        name: The lock file's name in `run_dir` (a sweep locks its store with its own).
 
     Raises:
         LmfuseError: another process holds the lock (the message names it and since when), or
@@ -70,7 +71,7 @@ def run_lock(run_dir: str | Path, command: str | None = None) -> Iterator[None]:
     except ValueError as e:  # a NUL or a lone surrogate in output_dir: no file system takes that name
         raise LmfuseError(f"cannot create the run directory: its name is not a valid path ({e})",
                           where=repr(str(run_dir)), fix="set output_dir to a path of ordinary characters") from e
-    key = str(run_dir.resolve())
+    key = str((run_dir / name).resolve())
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -86,7 +87,7 @@ def run_lock(run_dir: str | Path, command: str | None = None) -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    path = run_dir / LOCK_FILE
+    path = run_dir / name
     try:
         f = open(path, "a+")  # noqa: SIM115 (held open for the body; closed below)
     except OSError as e:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmfuse.errors import LmfuseError
+from lmfuse.hashing import cache_home
 
 if TYPE_CHECKING:
     from lmfuse.config import ModelSpec
@@ -34,11 +35,6 @@ PULL_PREFIX = "pull:"
 HUB_PREFIX = "hub:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def cache_home() -> Path:
-    """Where pulled and converted models live (`$LMFUSE_HOME`, default `~/.cache/lmfuse`)."""
-    return Path(os.environ.get("LMFUSE_HOME", Path.home() / ".cache" / "lmfuse")).expanduser()
 
 
 # -- models that ship inside PyPI packages ----------------------------------------------------
@@ -233,7 +229,7 @@ def convert_gguf(gguf: Path, out: Path, log: Callable[[str], None] | None = None
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
-    from lmfuse.artifacts import hash_obj
+    from lmfuse.hashing import hash_obj
 
     st = gguf.stat()
     return cache_home() / "gguf" / f"{gguf.stem}-{hash_obj([str(gguf.resolve()), st.st_size, st.st_mtime_ns])}"
@@ -331,7 +327,7 @@ def load_model(spec: ModelSpec, dtype: str | None = None, device: str | None = N
 
 def tokenizer_fingerprint(tok: Any) -> str:
     """A hash of a tokenizer's vocabulary (token → id) and the special tokens it adds."""
-    from lmfuse.artifacts import hash_obj
+    from lmfuse.hashing import hash_obj
 
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     return hash_obj([vocab, tok("a")["input_ids"]])

@@ -1,5 +1,4 @@
-"""Models as evaluation and the baselines see them: an entry to score, a trained model's directory,
-a cheap fingerprint for caches.
+"""Models as evaluation and the baselines see them: an entry to score, a trained model's directory.
 
 A leaf below `evaluate` and `baselines`, which both need these (before, `baselines` imported them
 from `evaluate` and `evaluate` imported `baselines`).
@@ -10,9 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from lmfuse.artifacts import hash_obj
 from lmfuse.config import ModelSpec
 
 
@@ -38,23 +35,6 @@ def hf_model_dir(path: str | Path) -> Path | None:
     """`path` when it holds an HF model (a `config.json`), else None."""
     path = Path(path)
     return path if (path / "config.json").exists() else None
-
-
-def fingerprint(spec: ModelSpec) -> str:
-    """A cheap fingerprint of a model: where it really is, its dtype, config + weight files' names,
-    sizes and mtimes (the dtype matters: without `eval.dtype` each model is scored in its own)."""
-    p = Path(spec.path).expanduser()
-    p = p.resolve() if p.exists() else p
-    parts: list[Any] = [str(p) if p.exists() else spec.path, spec.revision, spec.dtype]
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".json", ".bin", ".model")):
-                st = f.stat()
-                parts.append([f.name, st.st_size, st.st_mtime_ns])
-    elif p.is_file():
-        st = p.stat()
-        parts.append([p.name, st.st_size, st.st_mtime_ns])
-    return hash_obj(parts)
 
 
 def safe_name(label: str) -> str:

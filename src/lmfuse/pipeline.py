@@ -1,4 +1,4 @@
-"""`run`: every stage in order, skipping artifacts that are complete, current and undamaged.
+"""The library's entry points: the whole run, or one stage, each through the one runner.
 
 Each artifact's key covers the config fields that change it, the contents of the model files
 it reads and its inputs' keys, so after an edit to the config (or new weights at a model's path)
@@ -8,33 +8,18 @@ it stopped; a damaged one rebuilds its damaged files.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import yaml
+from lmfuse import runner
+from lmfuse.graph import Graph
 
-from lmfuse.artifacts import atomic_write_bytes
-from lmfuse.lock import run_lock
-
-
-@dataclass
-class Step:
-    label: str
-    artifact: Callable  # (overwrite) -> ArtifactDir
-    run: Callable  # (overwrite) -> manifest
+Log = Callable[[str], Any]
 
 
-def plan(cfg) -> list[Step]:
-    """The pipeline's steps for a config, in order (the stage graph, `lmfuse.stages.graph`)."""
-    from lmfuse.stages import graph
-
-    return [Step(n.label, n.artifact, n.run) for n in graph(cfg)]
-
-
-def run_pipeline(cfg, overwrite: bool = False, log: Callable = print, report: bool = True) -> dict:
-    """Run all stages; return {step label: "skipped" | "ran" | "resumed" | "re-ran" | "repaired"}.
+def run_pipeline(cfg, overwrite: bool = False, log: Log = print, report: bool = True) -> dict[str, str]:
+    """Run all stages; return {artifact label: "skipped" | "ran" | "resumed" | "re-ran" | "repaired"}.
 
     Holds the run directory's lock throughout (`lmfuse.lock`): a second writer fails at once.
 
@@ -44,42 +29,60 @@ def run_pipeline(cfg, overwrite: bool = False, log: Callable = print, report: bo
         log: Where progress lines go.
         report: Evaluate and write the report at the end.
     """
-    from lmfuse.baselines import preflight
-    from lmfuse.evaluate import run_eval
-    from lmfuse.report import write_report
+    return runner.run_all(Graph(cfg), overwrite=overwrite, log=log, report=report)
 
-    preflight(cfg)
-    run_dir = Path(cfg.output_dir)
-    with run_lock(run_dir):
-        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
-        outcome: dict[str, str] = {}
-        for step in plan(cfg):
-            art = step.artifact(False)
-            state = art.state()
-            if state == "complete" and not overwrite:
-                log(f"[skip]   {step.label}: complete and current (key {art.key})")
-                outcome[step.label] = "skipped"
-                continue
-            if overwrite:
-                log(f"[rerun]  {step.label}: --overwrite; building it again")
-                outcome[step.label] = "re-ran"
-            elif state == "partial":
-                log(f"[resume] {step.label}: an earlier run stopped part-way; continuing it")
-                outcome[step.label] = "resumed"
-            elif state == "damaged":
-                log(f"[repair] {step.label}: damaged ({'; '.join(art.problems[:3])}); rebuilding those files")
-                outcome[step.label] = "repaired"
-            elif state == "stale":
-                log(f"[rerun]  {step.label}: its config or inputs changed; replacing the old artifact")
-                outcome[step.label] = "re-ran"
-            else:
-                log(f"[run]    {step.label}")
-                outcome[step.label] = "ran"
-            t0 = time.time()
-            step.run(overwrite or state == "stale")
-            log(f"         {step.label} done in {time.time() - t0:.1f} s")
-        if report:
-            run_eval(cfg)
-            path = write_report(run_dir)
-            log(f"report: {path.with_suffix('.html')} (and {path.name})")
-    return outcome
+
+def run_prepare(cfg, overwrite: bool = False, log: Log = print) -> dict:
+    """`lmfuse prepare`: cut the corpus into blocks; return the manifest."""
+    return runner.build_label(cfg, "prepare", overwrite, log)
+
+
+def run_extract(cfg, model_name: str, overwrite: bool = False, log: Log = print, progress: bool = True) -> dict:
+    """`lmfuse extract`: one model's distributions over the prepared blocks (`progress`: a bar)."""
+    node = Graph(cfg)[f"extract/{model_name}"]
+    node.stage.progress = progress
+    return runner.build(node, overwrite=overwrite, log=log)
+
+
+def run_vocab_map(cfg, source_name: str, overwrite: bool = False, log: Log = print) -> dict:
+    """`lmfuse vocab-map`: one source's vocabulary mapped into the target's."""
+    return runner.build_label(cfg, f"vocab_map/{source_name}", overwrite, log)
+
+
+def run_align(cfg, source_name: str, overwrite: bool = False, log: Log = print) -> dict:
+    """`lmfuse align`: one source's distributions in the target's positions and vocabulary."""
+    return runner.build_label(cfg, f"align/{source_name}", overwrite, log)
+
+
+def run_train(cfg, control: bool = False, overwrite: bool = False, log: Log = print) -> dict:
+    """`lmfuse train`: the fused model (or the λ = 1 control); return the manifest."""
+    return runner.build_label(cfg, f"train/{'clm' if control else 'fused'}", overwrite, log)
+
+
+def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, log: Log = print, **kwargs: Any) -> dict:
+    """`lmfuse eval`: bits per byte of the run's models (see `evaluate.run_eval` for the options)."""
+    return runner.evaluate(Graph(cfg), models, log=log, **kwargs)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """`lmfuse report`: the run's report (Markdown and HTML)."""
+    return runner.write_report(run_dir)
+
+
+def verify_run(run_dir: str | Path) -> list[runner.Check]:
+    """`lmfuse verify`: every artifact of a run against its checksums and its inputs' keys."""
+    return runner.verify_run(run_dir)
+
+
+def artifact(cfg, label: str, overwrite: bool = False):
+    """The `ArtifactDir` of one artifact of a config (`prepare`, `extract/tgt`, `train/clm`, ...)."""
+    return Graph(cfg)[label].artifact(overwrite)
+
+
+def build_merges(cfg, overwrite: bool = False, log: Log = print) -> list[Path]:
+    """Every configured merge baseline built (or reused); their directories, in config order."""
+    graph = Graph(cfg)
+    nodes = graph.of_kind("merge")
+    for node in nodes:
+        runner.build(node, overwrite=overwrite, log=log)
+    return [node.path for node in nodes]

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lmfuse.artifacts import ArtifactDir, file_hash, hash_obj
+from lmfuse.artifacts import load_complete
 from lmfuse.errors import LmfuseError
 from lmfuse.fingerprint import model_fingerprint
+from lmfuse.hashing import file_hash, hash_obj
+from lmfuse.stage import Build, Stage
 
 ROWS_PER_SHARD = 50_000
 
@@ -264,17 +266,6 @@ def split_train_validation(doc_domains: list[str], doc_blocks: list[int], fracti
     return flags
 
 
-# -- the stage --------------------------------------------------------------------------------
-def artifact(cfg, overwrite: bool = False) -> ArtifactDir:
-    """The `prepare` artifact; its hash covers the corpus's contents, the options and the contents
-    of every model's tokenizer files (blocks must fit each tokenizer)."""
-    corpus = Path(cfg.corpus.path)
-    data = corpus_fingerprint(corpus)
-    tokenizers = [[m.path, m.revision, model_fingerprint(m, tokenizer_only=True)] for m in cfg.models]
-    h = hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path"}), cfg.prepare.model_dump(), data, tokenizers])
-    return ArtifactDir(cfg.run_dir / "prepare", "prepare", h, {}, overwrite)
-
-
 _FP_CACHE: dict[tuple, str] = {}
 
 
@@ -363,16 +354,32 @@ def check_validation(stats: dict[str, dict[str, int]], min_blocks: int, where: s
             "document's split yourself with corpus.split_field (a domain may then be held out whole)")
 
 
-def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
-    """Read the corpus, cut blocks for every model's tokenizer, split, and write the artifact."""
-    from lmfuse.models import load_tokenizer
-    from lmfuse.stages import run_stage
+# -- the stage --------------------------------------------------------------------------------
+class PrepareStage(Stage):
+    """`prepare`: the corpus read, cut into blocks that fit every model's tokenizer, and split.
 
-    art = artifact(cfg, overwrite)
-    made: dict = {}
+    Its hash covers the corpus's contents, the options and the contents of every model's
+    tokenizer files (blocks must fit each tokenizer); it has no input artifact.
+    """
 
-    def n_shards() -> int:
+    kind = "prepare"
+
+    def __init__(self, cfg):
+        super().__init__("prepare")
+        self.cfg = cfg
+
+    def config_hash(self) -> str:
+        cfg = self.cfg
+        data = corpus_fingerprint(Path(cfg.corpus.path))
+        tokenizers = [[m.path, m.revision, model_fingerprint(m, tokenizer_only=True)] for m in cfg.models]
+        return hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path"}), cfg.prepare.model_dump(), data,
+                         tokenizers])
+
+    def n_shards(self, b: Build) -> int:
         # One pass makes every block; the shards are slices of it.
+        from lmfuse.models import load_tokenizer
+
+        cfg = self.cfg
         docs = read_documents(cfg)
         table = make_blocks(docs, [load_tokenizer(m) for m in cfg.models], cfg.prepare)
         if table.num_rows == 0:
@@ -380,25 +387,25 @@ def run_prepare(cfg, overwrite: bool = False, log=print) -> dict:
                               where=cfg.corpus.path, fix="lower prepare.min_block_chars or add text")
         stats = split_stats(table)
         check_validation(stats, cfg.prepare.min_validation_blocks, str(cfg.corpus.path))
-        made.update(table=table, docs=len(docs), stats=stats)
+        b.state.update(table=table, docs=len(docs), stats=stats)
         return -(-table.num_rows // ROWS_PER_SHARD)
 
-    def write(todo: list[int]) -> None:
+    def write(self, b: Build, todo: list[int]):
         for i in todo:
-            art.write_shard(i, made["table"].slice(i * ROWS_PER_SHARD, ROWS_PER_SHARD))
+            yield i, b.state["table"].slice(i * ROWS_PER_SHARD, ROWS_PER_SHARD), None
 
-    def summary() -> dict:
-        return dict(n_blocks=made["table"].num_rows, n_docs=made["docs"], blocks_per_domain=made["stats"],
-                    block_size=cfg.prepare.block_size, corpus=str(cfg.corpus.path))
+    def summary(self, b: Build, stats: list[dict]) -> dict:
+        s = b.state
+        return dict(n_blocks=s["table"].num_rows, n_docs=s["docs"], blocks_per_domain=s["stats"],
+                    block_size=self.cfg.prepare.block_size, corpus=str(self.cfg.corpus.path))
 
-    manifest = run_stage(cfg, "prepare", art, n_shards, write, summary, log=log)
-    if made:
-        log(f"prepare: {made['table'].num_rows} blocks from {made['docs']} documents -> {art.path}")
-        for dom, s in sorted(made["stats"].items()):
-            log(f"  {dom:>16}: {s['train']} train, {s['validation']} validation")
-    return manifest
+    def after_finish(self, b: Build, manifest: dict) -> None:
+        s = b.state
+        b.log(f"prepare: {s['table'].num_rows} blocks from {s['docs']} documents -> {b.art.path}")
+        for dom, st in sorted(s["stats"].items()):
+            b.log(f"  {dom:>16}: {st['train']} train, {st['validation']} validation")
 
 
 def load_blocks(cfg):
     """The prepared blocks as a memory-mapped `datasets.Dataset`."""
-    return artifact(cfg).load()
+    return load_complete(cfg.run_dir / "prepare", "prepare")

@@ -2,7 +2,7 @@
 
 The report opens with its verdict: fused − control (λ = 1) and fused − best source in bits per
 byte, overall and per domain, each with a 95% paired bootstrap confidence interval over the
-held-out blocks (`lmfuse.stats.paired_bootstrap` on the per-block figures `lmfuse eval` keeps).
+held-out blocks (`lmfuse.compare` on the per-block figures `lmfuse eval` keeps).
 
 Everything is read from the run directory (eval results, training logs, alignment and vocab-map
 manifests, every manifest's `seconds`); parts that are missing are reported as "not run" rather
@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from lmfuse.artifacts import atomic_write_bytes, read_json
+from lmfuse.compare import (
+    BOOT_SEED,
+    MINUS,
+    N_BOOT,
+    OVERALL,
+    best_source,
+    bpb,
+    cell,
+    first_of_kind,
+    outcome,
+    signed,
+)
+from lmfuse.compare import compare as compare_records
 from lmfuse.document import Document
 from lmfuse.evaluate import BEST, CONTROL, display_label, load_results
-from lmfuse.stats import Interval, paired_bootstrap
+from lmfuse.stats import Interval
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
           "#CCB974", "#64B5CD"]
@@ -91,28 +104,11 @@ def fraction_stats(stats: dict[str, float]) -> dict[str, float]:
 
 
 # -- verdict -----------------------------------------------------------------------------------
-N_BOOT = 10_000
-SEED = 0
-MINUS = "\u2212"
-
-
-def _first_of_kind(models: dict[str, dict], kind: str) -> str | None:
-    return next((label for label, rec in models.items() if rec.get("kind") == kind), None)
-
-
-def best_source(results: dict) -> str | None:
-    """The source model with the lowest overall bits per byte, or None."""
-    sources = [(rec["overall"]["bpb"], label) for label, rec in results["models"].items()
-               if rec.get("kind") == "source" and _num(rec["overall"].get("bpb"))]
-    return min(sources)[1] if sources else None
-
-
-def compare(results: dict, a: str, b: str, n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Interval]:
+def compare(results: dict, a: str, b: str, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict[str, Interval]:
     """bpb(a) − bpb(b) per domain and overall, with paired bootstrap CIs over held-out blocks.
 
-    Blocks are paired by `block_id` (the ones both models scored); each model's own scored bytes
-    are used. Without per-block figures (results written by an older lmfuse) the intervals are
-    NaN and the differences come from the summaries.
+    Each group is `lmfuse.compare.compare` of the two records; groups that neither pair of
+    per-block figures nor pair of summaries covers are left out.
 
     Args:
         results: The `eval/results.json` object.
@@ -123,44 +119,15 @@ def compare(results: dict, a: str, b: str, n_boot: int = N_BOOT, seed: int = SEE
 
     Returns:
         `{domain: Interval, ..., "overall": Interval}` in bits per byte; negative: A is better.
+        Without per-block figures (results written by an older lmfuse) the intervals are NaN.
     """
     ra, rb = results["models"][a], results["models"][b]
-    groups = [*results["domains"], "overall"]
-    pa, pb = ra.get("per_block"), rb.get("per_block")
-    out: dict[str, Interval] = {}
-    if not pa or not pb:
-        nan = float("nan")
-        for g in groups:
-            ma = ra["overall"] if g == "overall" else ra["domains"].get(g)
-            mb = rb["overall"] if g == "overall" else rb["domains"].get(g)
-            if ma and mb:
-                out[g] = Interval(ma["bpb"] - mb["bpb"], nan, nan)
-        return out
-    where_b = {bid: i for i, bid in enumerate(pb["block_id"])}
-    pairs = [(i, where_b[bid]) for i, bid in enumerate(pa["block_id"]) if bid in where_b]
-    for g in groups:
-        sel = [(i, j) for i, j in pairs if g == "overall" or pa["domain"][i] == g]
-        if not sel:
-            continue
-        out[g] = paired_bootstrap([pa["nll"][i] for i, _ in sel], [pb["nll"][j] for _, j in sel],
-                                  [pa["bytes"][i] for i, _ in sel], b_nbytes=[pb["bytes"][j] for _, j in sel],
-                                  n_boot=n_boot, seed=seed)
-    return out
-
-
-def _d(v: float) -> str:
-    """A signed difference with a real minus sign: `+0.0012`, `−0.0034`."""
-    return _signed(v, 4).replace("-", MINUS)
+    cells = {g: compare_records([ra], [rb], g, n_boot, seed) for g in [*results["domains"], OVERALL]}
+    return {g: iv for g, iv in cells.items() if math.isfinite(iv.diff)}
 
 
 def _ci(iv: Interval, why: str = "no per-block figures") -> str:
-    return f"95% CI {_d(iv.lo)} to {_d(iv.hi)}" if math.isfinite(iv.lo) else f"no CI: {why}"
-
-
-def _cell(iv: Interval) -> str:
-    """`−0.0012 [−0.0035, +0.0010]` for a table cell."""
-    # No-break spaces inside the brackets: a narrow column wraps before the interval, not in it.
-    return f"{_d(iv.diff)} [{_d(iv.lo)},\u00a0{_d(iv.hi)}]" if math.isfinite(iv.lo) else _d(iv.diff)
+    return f"95% CI {signed(iv.lo)} to {signed(iv.hi)}" if math.isfinite(iv.lo) else f"no CI: {why}"
 
 
 def _words(iv: Interval, b: str | None = None, paired: bool = True) -> str:
@@ -171,19 +138,20 @@ def _words(iv: Interval, b: str | None = None, paired: bool = True) -> str:
         b: What fused is compared with, for a full sentence; None for the short form.
         paired: Whether per-block figures exist (a NaN interval then means a single block).
     """
-    if not math.isfinite(iv.lo):
+    said = outcome(iv.lo, iv.hi)
+    if said == "none":
         if paired:
             return "one block: no interval, so no verdict"
         return "no confidence interval (rerun `lmfuse eval` to keep per-block figures)"
-    if iv.includes_zero:
+    if said == "noise":
         return ("inside the noise: no measurable difference" if b else "inside the noise")
-    better = iv.hi < 0
+    better = said == "better"
     if b is None:
         return "fused better" if better else "fused worse"
     return f"the fused model is {'better' if better else 'worse'} than {b}"
 
 
-def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
+def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = BOOT_SEED
             ) -> tuple[list[str], list[str], list[list[str]]]:
     """The report's opening: paragraphs, and a table of every difference with its CI.
 
@@ -198,15 +166,15 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
     if not results or not results.get("models"):
         return ["**Verdict:** none yet: the models have not been evaluated (`lmfuse eval`)."], [], []
     models = results["models"]
-    fused = _first_of_kind(models, "fused")
+    fused = first_of_kind(models, "fused")
     if fused is None:
         return ["**Verdict:** none yet: no fused model has been evaluated (`lmfuse train`, then `lmfuse eval`)."], [], []
     comparisons = []  # (column name, name in a sentence, intervals)
-    control = _first_of_kind(models, "clm")
+    control = first_of_kind(models, "clm")
     if control is not None:
         comparisons.append((display_label(control, "clm"), "the control",
                             compare(results, fused, control, n_boot, seed)))
-    source = best_source(results)
+    source = best_source(models)
     if source is not None:
         comparisons.append((f"best source ({source})", source, compare(results, fused, source, n_boot, seed)))
     if not comparisons:
@@ -225,12 +193,12 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
         o = cells.get("overall")
         if o is None:
             continue
-        sentences.append(f"fused {MINUS} {name}: **{_d(o.diff)} bits/byte** overall ({_ci(o, why)}): "
+        sentences.append(f"fused {MINUS} {name}: **{signed(o.diff)} bits/byte** overall ({_ci(o, why)}): "
                          f"{_words(o, short, paired)}")
     paragraphs = ["**Verdict:** " + "; ".join(sentences) + "."]
     for name, _, cells in comparisons:
-        per = [f"{g} {_d(iv.diff)} ({_d(iv.lo)} to {_d(iv.hi)}: {_words(iv)})" if math.isfinite(iv.lo)
-               else f"{g} {_d(iv.diff)} ({_words(iv, None, paired)})" for g, iv in cells.items() if g != "overall"]
+        per = [f"{g} {signed(iv.diff)} ({signed(iv.lo)} to {signed(iv.hi)}: {_words(iv)})" if math.isfinite(iv.lo)
+               else f"{g} {signed(iv.diff)} ({_words(iv, None, paired)})" for g, iv in cells.items() if g != OVERALL]
         if per:
             paragraphs.append(f"Per domain, fused {MINUS} {name}: " + "; ".join(per) + ".")
     if control is None:
@@ -250,7 +218,7 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = SEED
            else "."))
     groups = [*results["domains"], "overall"]
     head = [f"fused {MINUS} … [95%\u00a0CI]", *groups]
-    rows = [[name, *[_cell(cells[g]) if g in cells else "–" for g in groups]] for name, _, cells in comparisons]
+    rows = [[name, *[cell(*cells[g]) if g in cells else "–" for g in groups]] for name, _, cells in comparisons]
     return paragraphs, head, rows
 
 
@@ -281,11 +249,6 @@ def model_colors(models: dict[str, dict]) -> dict[str, str]:
     return out
 
 
-def _signed(v: float, digits: int = 3) -> str:
-    s = f"{v:+.{digits}f}"
-    return s.replace("-", "+") if float(s) == 0 else s
-
-
 def plot_bpb(results: dict, out: Path) -> Path:
     """Grouped bars: bits per byte per domain (and overall) for every model, values on bars."""
     import numpy as np
@@ -301,8 +264,7 @@ def plot_bpb(results: dict, out: Path) -> Path:
     colors = model_colors(results["models"])
     for i, label in enumerate(models):
         rec = results["models"][label]
-        vals = [rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
-                for g in groups]
+        vals = [bpb(rec, g) for g in groups]
         top = max([top, *[v for v in vals if np.isfinite(v)]])
         bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=display_label(label, rec.get("kind")),
                       color=colors[label])
@@ -330,9 +292,6 @@ def plot_bpb_delta(results: dict, reference: str, out: Path) -> Path:
     ref = results["models"][reference]
     ref_name = display_label(reference, ref.get("kind"))
 
-    def bpb(rec, g):
-        return rec["overall"]["bpb"] if g == "overall" else rec["domains"].get(g, {}).get("bpb", np.nan)
-
     n = max(len(others), 1)
     width = 0.8 / n
     fig = _figure(max(6.5, 1.1 + len(groups) * (0.35 + 0.32 * n)), 4.4)
@@ -344,7 +303,7 @@ def plot_bpb_delta(results: dict, reference: str, out: Path) -> Path:
         vals = [bpb(rec, g) - bpb(ref, g) for g in groups]
         bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width * 0.92, label=display_label(label, rec.get("kind")),
                       color=colors[label])
-        ax.bar_label(bars, labels=[_signed(v) for v in vals], fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0, padding=2)
+        ax.bar_label(bars, labels=[signed(v, 3) for v in vals], fontsize=7 if n > 3 else 8, rotation=90 if n > 2 else 0, padding=2)
     ax.axhline(0, color="black", lw=0.8)
     ax.margins(y=0.2)
     ax.set_xticks(x, groups)
@@ -661,11 +620,7 @@ def _fmt(v: float | None, fraction: bool = False) -> str:
 def _reference(results: dict) -> str | None:
     """The model to compare against: the control if present, else the target."""
     models = results["models"]
-    for kind in ("clm", "target"):
-        for label, rec in models.items():
-            if rec.get("kind") == kind:
-                return label
-    return next(iter(models), None)
+    return first_of_kind(models, "clm") or first_of_kind(models, "target") or next(iter(models), None)
 
 
 def _config_summary(run_dir: Path) -> str | None:

@@ -41,15 +41,25 @@ class Interval(NamedTuple):
         return not (self.lo > 0.0 or self.hi < 0.0)
 
 
-def bits_per_byte(nll: Sequence[float], nbytes: Sequence[float]) -> float:
-    """Pooled bits per byte, Σ nll / (ln 2 · Σ bytes).
+def bits_per_byte(nll: float | Sequence[float] | np.ndarray, nbytes: float | Sequence[float] | np.ndarray,
+                  axis: int | None = None) -> float | np.ndarray:
+    """Pooled bits per byte, Σ nll / (ln 2 · Σ bytes): the one formula lmfuse uses.
+
+    A ratio of sums, not a mean of per-block ratios: long blocks weigh more.
 
     Args:
-        nll: `[N]` summed NLL per block, in nats.
-        nbytes: `[N]` scored UTF-8 bytes per block.
+        nll: Summed NLL in nats: one total, or `[..., N]` per block.
+        nbytes: Scored UTF-8 bytes, the same shape as `nll`.
+        axis: The axis summed over; None sums everything and returns a float.
+
+    Returns:
+        Bits per byte: a float, or with `axis` an array without that axis; NaN where no bytes
+        were scored.
     """
-    total = float(np.sum(np.asarray(nbytes, dtype=np.float64)))
-    return float(np.sum(np.asarray(nll, dtype=np.float64))) / (LN2 * total) if total else float("nan")
+    total = np.sum(np.asarray(nbytes, dtype=np.float64), axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(total > 0, np.sum(np.asarray(nll, dtype=np.float64), axis=axis) / (LN2 * total), np.nan)
+    return float(out) if axis is None else out
 
 
 def _column(x: Sequence[float], name: str, n: int | None) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmfuse.artifacts import ArtifactDir, atomic_write_bytes, hash_obj, read_json, read_manifest
+from lmfuse.artifacts import ArtifactDir, atomic_write_bytes, read_json
 from lmfuse.checkpoint import (
     BEST_DIR,
     BEST_STATE,
@@ -43,7 +42,9 @@ from lmfuse.checkpoint import (
 from lmfuse.config import FuseConfig, TrainConfig
 from lmfuse.errors import LmfuseError
 from lmfuse.fusion import FUSIONS, FusionOptions
+from lmfuse.hashing import hash_obj
 from lmfuse.loss import IGNORE, fused_clm_loss
+from lmfuse.stage import Build, Stage
 from lmfuse.traindata import BlockData, FusedCollator, data_order
 
 # Options that only change the fusion term: the control's hash must not depend on them.
@@ -60,36 +61,85 @@ def out_dir(cfg: FuseConfig, control: bool = False) -> Path:
     return cfg.run_dir / "train" / ("clm" if control else "fused")
 
 
-def _upstream_hash(path: Path, tokens: bool = False) -> str | None:
-    """The key an artifact on disk was made with; `tokens`: an extraction's `tokens_key` (its key
-    without the extract options; an extraction made by an older lmfuse has none: its key)."""
-    m = read_manifest(path)
-    if m is None:
-        return None
-    return (tokens and m.get("tokens_key")) or m.get("key") or m.get("config_hash")
-
-
-def artifact(cfg: FuseConfig, control: bool = False, overwrite: bool = False) -> ArtifactDir:
-    """The train artifact for this config (`train/fused` or `train/clm`).
+class TrainStage(Stage):
+    """`train/fused` (or, for the control, `train/clm`): the continually trained target.
 
     Its config hash covers the train section (minus the fusion-only options for the control)
-    and the target model; its inputs are the keys (`ArtifactDir.key`) of `extract/<target>` and, unless
-    control, of `align/<source>` for every source. The control reads only the target's token ids,
-    so its `extract/<target>` input is the extraction's `tokens_key`: another `extract.top_k` or
-    `distribution` leaves an identical control current instead of training it again.
+    and the target model; its inputs are `extract/<target>` and, unless control, `align/<source>`
+    for every source. The control reads only the target's token ids, so its `extract/<target>`
+    input is the extraction's tokens key: another `extract.top_k` or `distribution` leaves an
+    identical control current instead of training it again.
+
+    Its one "shard" is the finished model: killed at any moment, a rerun goes on from the newest
+    checkpoint that checks out, or, when training had finished, from the finished model waiting in
+    `.final/` (`lmfuse.checkpoint`). The model's files are in place before the manifest is written.
     """
-    train = cfg.train.model_dump(exclude=set(NOT_HASHED))
-    if control:
-        train = {k: v for k, v in train.items() if k not in FUSION_ONLY}
-    key = {"train": train, "target": cfg.target.model_dump(), "control": control}
-    if not control:
-        key["sources"] = [s.name for s in cfg.sources]
-    inputs = {f"extract/{cfg.target.name}": _upstream_hash(cfg.run_dir / "extract" / cfg.target.name,
-                                                           tokens=control)}
-    if not control:
-        for s in cfg.sources:
-            inputs[f"align/{s.name}"] = _upstream_hash(cfg.run_dir / "align" / s.name)
-    return ArtifactDir(out_dir(cfg, control), "train", hash_obj(key), inputs, overwrite=overwrite)
+
+    kind = "train"
+    all_ranks = True  # every process trains
+    checks_inputs = False  # `BlockData` reads every input through verified reads (prepare included)
+
+    def __init__(self, cfg: FuseConfig, control: bool = False):
+        super().__init__(f"train/{'clm' if control else 'fused'}")
+        self.cfg, self.control = cfg, control
+
+    def inputs(self) -> dict[str, str]:
+        tgt = f"extract/{self.cfg.target.name}"
+        ins = {tgt: f"{tgt}#tokens" if self.control else tgt}
+        if not self.control:
+            ins.update({f"align/{s.name}": f"align/{s.name}" for s in self.cfg.sources})
+        return ins
+
+    def config_hash(self) -> str:
+        cfg, control = self.cfg, self.control
+        train = cfg.train.model_dump(exclude=set(NOT_HASHED))
+        if control:
+            train = {k: v for k, v in train.items() if k not in FUSION_ONLY}
+        key = {"train": train, "target": cfg.target.model_dump(), "control": control}
+        if not control:
+            key["sources"] = [s.name for s in cfg.sources]
+        return hash_obj(key)
+
+    def on_complete(self, art: ArtifactDir) -> None:
+        drop_final(art.path)  # killed between the manifest and this cleanup: nothing else is left to do
+
+    def validate(self) -> None:
+        check_train_config(self.cfg, self.control)
+
+    def open(self, b: Build) -> None:
+        # Every input is read and checked before any training (and before the claim).
+        b.state.update(data=BlockData(self.cfg, self.control), acc=_make_accelerator(self.cfg.train.precision))
+
+    def shard_done(self, b: Build, i: int) -> bool:
+        return final_metrics(b.art.path) is not None
+
+    def write(self, b: Build, todo: list[int]):
+        cfg, control, acc, data, path = self.cfg, self.control, b.state["acc"], b.state["data"], b.art.path
+        if final_metrics(path) is not None:
+            acc.print(f"training had finished in {path}; moving the model into place")
+            return
+        run = _setup(cfg, control, data, acc, path)
+        metrics = _fit(cfg, control, data, run, path)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(run.model)
+            model.config.use_cache = True
+            write_final(model, run.tok, path, model_card(cfg, control, metrics), metrics)
+        yield from ()
+
+    def before_finish(self, b: Build) -> None:
+        b.state["metrics"] = final_metrics(b.art.path)
+        promote_final(b.art.path)
+
+    def summary(self, b: Build, stats: list[dict]) -> dict:
+        return dict(control=self.control, metrics=b.state["metrics"],
+                    sources=[] if self.control else [s.name for s in self.cfg.sources])
+
+    def after_finish(self, b: Build, manifest: dict) -> None:
+        drop_final(b.art.path)
+
+    def command(self) -> str:
+        return "lmfuse train CONFIG" + (" --control" if self.control else "") + " --overwrite"
 
 
 def clm_weight_at(cfg_train: TrainConfig, step: int, total: int, control: bool) -> float:
@@ -102,9 +152,9 @@ def clm_weight_at(cfg_train: TrainConfig, step: int, total: int, control: bool) 
     return lam
 
 
-# -- validation --------------------------------------------------------------------------------
 def check_train_config(cfg: FuseConfig, control: bool) -> None:
-    """Every problem that can be found before loading anything, raised together."""
+    """Every problem that can be found before loading anything, raised together (a config made
+    with `model_copy(update=...)` skips pydantic's checks)."""
     t = cfg.train
     problems = []
     if not control:
@@ -283,63 +333,6 @@ def _fit(cfg: FuseConfig, control: bool, data: BlockData, r: _Run, path: Path) -
             "global_batch": G, "world_size": world}
 
 
-def run_train(cfg: FuseConfig, control: bool = False, overwrite: bool = False) -> dict:
-    """Train the fused model (or the λ = 1 control) and write `RUN/train/{fused,clm}/`.
-
-    Killed at any moment, a rerun goes on from where it stopped: from the newest checkpoint that
-    checks out, or, when training had finished, from the finished model waiting in `.final/`
-    (`lmfuse.checkpoint`). The model's files are in place before the manifest is written.
-
-    Args:
-        cfg: The whole config.
-        control: Train the control: λ = 1, same data, budget and code; no sources read.
-        overwrite: Replace an artifact made by another config instead of refusing.
-
-    Returns:
-        The manifest (with final metrics).
-
-    Raises:
-        LmfuseError: another process writes into the run directory (`lmfuse.lock`), or a bad input.
-    """
-    from lmfuse.lock import run_lock
-
-    with run_lock(cfg.run_dir):  # one writer per run directory; re-entrant under `run`
-        return _run_train(cfg, control, overwrite)
-
-
-def _run_train(cfg: FuseConfig, control: bool, overwrite: bool) -> dict:
-    check_train_config(cfg, control)
-    art = artifact(cfg, control, overwrite)
-    if art.is_complete():
-        drop_final(art.path)  # killed between the manifest and this cleanup: nothing else is left to do
-        return read_manifest(art.path)
-    data = BlockData(cfg, control)  # reads and checks every input before any training
-    acc = _make_accelerator(cfg.train.precision)
-    if acc.is_main_process:
-        art.begin()
-    acc.wait_for_everyone()
-    metrics = final_metrics(art.path)
-    if metrics is None:
-        run = _setup(cfg, control, data, acc, art.path)
-        metrics = _fit(cfg, control, data, run, art.path)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(run.model)
-            model.config.use_cache = True
-            write_final(model, run.tok, art.path, model_card(cfg, control, metrics), metrics)
-    else:
-        acc.print(f"training had finished in {art.path}; moving the model into place")
-    acc.wait_for_everyone()
-    manifest = None
-    if acc.is_main_process:
-        promote_final(art.path)
-        manifest = art.finish(control=control, metrics=metrics,
-                              sources=[] if control else [s.name for s in cfg.sources])
-        drop_final(art.path)
-    acc.wait_for_everyone()
-    return manifest or read_manifest(art.path)
-
-
 @torch.no_grad()
 def evaluate_loss(model: Any, data: BlockData, collate: FusedCollator, acc: Any, batch_size: int) -> float | None:
     """Mean next-token CE (nats per target token) on the validation blocks; None if there are none."""
@@ -419,17 +412,3 @@ def model_card(cfg: FuseConfig, control: bool, metrics: dict) -> str:
               *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                 for k, v in metrics.items()), ""]
     return "\n".join(lines)
-
-
-def _main(argv: list[str]) -> None:
-    """`python -m lmfuse.train CONFIG [--control] [--overwrite]`, for `accelerate launch`."""
-    from lmfuse.config import load_config
-
-    if not argv:
-        print(_main.__doc__, file=sys.stderr)
-        raise SystemExit(2)
-    run_train(load_config(argv[0]), control="--control" in argv, overwrite="--overwrite" in argv)
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

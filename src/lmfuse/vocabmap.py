@@ -29,9 +29,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lmfuse.artifacts import ArtifactDir, atomic_write_bytes, hash_obj, read_manifest
+from lmfuse.artifacts import atomic_write_bytes, read_manifest
 from lmfuse.errors import LmfuseError
+from lmfuse.hashing import hash_obj
 from lmfuse.registry import Registry
+from lmfuse.stage import Build, Stage
 from lmfuse.tokentext import BYTE, NORMAL, SPECIAL, TokenTable, token_table
 
 UNMAPPED, EXACT, MINED, RETOKENIZE, SPECIAL_HOW = 0, 1, 2, 3, 4
@@ -247,56 +249,62 @@ def coverage(how: np.ndarray) -> dict[str, float]:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def artifact(cfg, source_name: str, overwrite: bool = False) -> ArtifactDir:
-    """The `vocab_map/<source>` artifact; its hash covers both tokenizers (their files' contents)
-    and the method."""
-    from lmfuse.fingerprint import model_fingerprint
+class VocabMapStage(Stage):
+    """`vocab_map/<source>`: each source token id's target id, and how it was matched.
 
-    src, tgt = cfg.model(source_name), cfg.target
-    h = hash_obj(["vocab_map", [src.path, src.revision, model_fingerprint(src, tokenizer_only=True)],
-                  [tgt.path, tgt.revision, model_fingerprint(tgt, tokenizer_only=True)],
-                  cfg.vocab_map.model_dump(exclude={"workers"})])
-    return ArtifactDir(cfg.run_dir / "vocab_map" / source_name, "vocab_map", h, {}, overwrite)
+    Its hash covers both tokenizers (their files' contents) and the method; it has no input
+    artifact. Its one "shard" is `map.npz`.
+    """
 
+    kind = "vocab_map"
 
-def run_vocab_map(cfg, source_name: str, overwrite: bool = False, log=print) -> dict:
-    """Build and store the map of one source's vocabulary into the target's."""
-    from lmfuse.models import load_tokenizer
-    from lmfuse.parallel import barrier
-    from lmfuse.stages import run_stage
+    def __init__(self, cfg, source_name: str):
+        super().__init__(f"vocab_map/{source_name}")
+        self.cfg, self.source_name = cfg, source_name
+        self.src = cfg.model(source_name)
 
-    art = artifact(cfg, source_name, overwrite)
-    if art.is_complete():
-        return read_manifest(art.path)
-    made: dict = {}
+    def config_hash(self) -> str:
+        from lmfuse.fingerprint import model_fingerprint
 
-    def write(todo: list[int]) -> None:  # one "shard": map.npz
-        src_tok, tgt_tok = load_tokenizer(cfg.model(source_name)), load_tokenizer(cfg.target)
+        src, tgt = self.src, self.cfg.target
+        return hash_obj(["vocab_map", [src.path, src.revision, model_fingerprint(src, tokenizer_only=True)],
+                         [tgt.path, tgt.revision, model_fingerprint(tgt, tokenizer_only=True)],
+                         self.cfg.vocab_map.model_dump(exclude={"workers"})])
+
+    def shard_done(self, b: Build, i: int) -> bool:
+        return (b.art.path / "map.npz").exists()
+
+    def write(self, b: Build, todo: list[int]):
+        from lmfuse.models import load_tokenizer
+
+        src_tok, tgt_tok = load_tokenizer(self.src), load_tokenizer(self.cfg.target)
         t0 = time.time()
-        tgt_id, how = map_vocab(src_tok, tgt_tok, cfg.vocab_map.method, cfg.vocab_map.workers)
-        made.update(seconds=time.time() - t0)
+        tgt_id, how = map_vocab(src_tok, tgt_tok, self.cfg.vocab_map.method, self.cfg.vocab_map.workers)
+        b.state.update(seconds=time.time() - t0)
         buf = io.BytesIO()
         np.savez(buf, tgt_id=tgt_id, how=how)
-        atomic_write_bytes(art.path / "map.npz", buf.getvalue())
+        atomic_write_bytes(b.art.path / "map.npz", buf.getvalue())
+        return iter(())
 
-    def summary() -> dict:
-        src_tok, tgt_tok = load_tokenizer(cfg.model(source_name)), load_tokenizer(cfg.target)
-        with np.load(art.path / "map.npz") as z:
+    def summary(self, b: Build, stats: list[dict]) -> dict:
+        from lmfuse.models import load_tokenizer
+
+        src_tok, tgt_tok = load_tokenizer(self.src), load_tokenizer(self.cfg.target)
+        with np.load(b.art.path / "map.npz") as z:
             how = z["how"]
         return dict(
-            source=source_name, target=cfg.target.name, method=cfg.vocab_map.method,
+            source=self.source_name, target=self.cfg.target.name, method=self.cfg.vocab_map.method,
             source_fingerprint=token_table(src_tok).fingerprint, target_fingerprint=token_table(tgt_tok).fingerprint,
             source_vocab_size=len(src_tok), target_vocab_size=len(tgt_tok), coverage=coverage(how),
-            map_seconds=round(made.get("seconds", 0.0), 3),
+            map_seconds=round(b.state.get("seconds", 0.0), 3),
         )
 
-    manifest = run_stage(cfg, f"vocab_map/{source_name}", art, 1, write, summary,
-                         done=lambda i: (art.path / "map.npz").exists(), log=log)
-    if manifest:
-        log(f"vocab-map {source_name} -> {cfg.target.name} ({cfg.vocab_map.method}): "
-            + ", ".join(f"{k} {v:.1%}" for k, v in manifest["coverage"].items() if v) + f" -> {art.path}")
-    barrier()  # the other ranks return the manifest rank 0 wrote
-    return manifest or read_manifest(art.path) or {}
+    def after_finish(self, b: Build, manifest: dict) -> None:
+        b.log(f"vocab-map {self.source_name} -> {self.cfg.target.name} ({self.cfg.vocab_map.method}): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in manifest["coverage"].items() if v) + f" -> {b.art.path}")
+
+    def command(self) -> str:
+        return f"lmfuse vocab-map CONFIG --source {self.source_name} --overwrite"
 
 
 def check_fingerprints(manifest: dict, source_fingerprint: str, target_fingerprint: str, where: str) -> None:
