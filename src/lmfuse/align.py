@@ -933,5 +933,3 @@ class AlignStage(Stage):
                 ("aligned_fraction", 8), ("next_end_same", 9), ("mapped_mass", 7), ("exact_mass", 6),
                 ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8))))
 
-    def command(self) -> str:
-        return f"lmfuse align CONFIG --source {self.source_name} --overwrite"

@@ -528,5 +528,3 @@ class ExtractStage(Stage):
             {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
              for d, s in manifest["diagnostics_per_domain"].items()}))
 
-    def command(self) -> str:
-        return f"lmfuse extract CONFIG --model {self.model_name} --overwrite"

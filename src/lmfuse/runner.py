@@ -43,7 +43,7 @@ from lmfuse.stage import Build, stats_path
 Log = Callable[[str], Any]
 
 
-def _check_input(node: Node, name: str, ref: str, full: bool) -> None:
+def _check_input(node: Node, ref: str, full: bool) -> None:
     """An input must be complete, made for this config, and (with `full`) intact byte for byte."""
     graph = node.graph
     up = graph[ref.partition("#")[0]]
@@ -93,8 +93,8 @@ def build(node: Node, overwrite: bool = False, log: Log = print) -> dict:
         st.on_complete(art)
         return read_manifest(art.path)
     with run_lock(cfg.run_dir):
-        for name, ref in st.inputs().items():
-            _check_input(node, name, ref, full=st.checks_inputs)
+        for ref in st.inputs().values():
+            _check_input(node, ref, full=st.checks_inputs)
         b = Build(art, {name: cfg.run_dir / lab for name, lab in node.inputs.items()}, log)
         st.open(b)
         if is_main():

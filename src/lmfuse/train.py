@@ -138,9 +138,6 @@ class TrainStage(Stage):
     def after_finish(self, b: Build, manifest: dict) -> None:
         drop_final(b.art.path)
 
-    def command(self) -> str:
-        return "lmfuse train CONFIG" + (" --control" if self.control else "") + " --overwrite"
-
 
 def clm_weight_at(cfg_train: TrainConfig, step: int, total: int, control: bool) -> float:
     """λ at an optimizer step: constant, or linear from λ to 1 (the reference's decay)."""

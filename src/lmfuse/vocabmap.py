@@ -303,9 +303,6 @@ class VocabMapStage(Stage):
         b.log(f"vocab-map {self.source_name} -> {self.cfg.target.name} ({self.cfg.vocab_map.method}): "
               + ", ".join(f"{k} {v:.1%}" for k, v in manifest["coverage"].items() if v) + f" -> {b.art.path}")
 
-    def command(self) -> str:
-        return f"lmfuse vocab-map CONFIG --source {self.source_name} --overwrite"
-
 
 def check_fingerprints(manifest: dict, source_fingerprint: str, target_fingerprint: str, where: str) -> None:
     """Refuse a vocab map made for other tokenizers."""
