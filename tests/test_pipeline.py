@@ -289,3 +289,19 @@ def test_cli_errors_on_the_run_directory_exit_2_without_a_traceback(make_config,
     finally:
         holder.stdin.close()
         holder.wait()
+
+
+def test_a_config_without_sources_is_a_clm_only_run(make_config):
+    """No sources: prepare, the target's extraction and the λ = 1 training alone (a domain expert),
+    scored and reported like any run; the merges of a later fusion can name it as a model."""
+    cfg = load_config(make_config({"train.max_steps": 2, "sources": [], "train.control": False}))
+    outcome, log = _run(cfg)
+    assert list(outcome) == ["prepare", "extract/tgt", "train/clm"]
+    results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"tgt", "clm"}
+    assert not (cfg.run_dir / "train" / "fused").exists()
+    report = (cfg.run_dir / "report" / "report.md").read_text()
+    assert "a run without sources" in report and "Trained − target" in report
+    assert (cfg.run_dir / "train" / "clm" / "config.json").exists()  # an HF model directory
+    again, _ = _run(cfg)
+    assert set(again.values()) == {"skipped"}

@@ -311,11 +311,12 @@ def merge_models(model_dirs: Sequence[str | Path], out: str | Path, weights: Seq
 
 # -- config glue -------------------------------------------------------------------------------
 MERGE_DIR = "merge"  # RUN/merge/<label>/: one artifact per configured merge
+TRAINED = ("fused", "clm")  # names a baseline may give the run's trained models
 
 
 def resolve_name(cfg: FuseConfig, name: str, where: str) -> ModelSpec:
     """A config model name, or `fused`/`clm` (the trained models), as a ModelSpec."""
-    if name in ("fused", "clm"):
+    if name in TRAINED:
         d = hf_model_dir(cfg.run_dir / "train" / name)
         if d is None:
             raise LmfuseError(f"{where} names {name!r}, but {cfg.run_dir / 'train' / name} holds no model yet",
@@ -366,8 +367,10 @@ def eval_models(cfg: FuseConfig) -> list[EvalModel]:
 class MergeStage(Stage):
     """`merge/<label>`: one configured merge baseline, an HF model directory.
 
-    Keyed by its method and weights (config hash) and by the content fingerprints of the models
-    it merges and of its base (inputs), so new weights at the same path make it stale. Eval reads
+    Keyed by its method and weights (config hash), by the content fingerprints of the config's
+    models it merges and of its base, so new weights at the same path make it stale, and by the
+    keys of the run's trained models it merges (`train/fused`, `train/clm`: inputs of the graph),
+    so its key, and its place in a sweep's store, is known before anything is trained. Eval reads
     it as an input, so a complete merge is checked by content before reuse and rebuilt if damaged.
     The merged directory is written whole (temp dir + rename) and the manifest, with every
     file's checksum, last.
@@ -393,12 +396,21 @@ class MergeStage(Stage):
         return hash_obj({"method": method, "weights": e.get("weights"), "models": e["models"],
                          "base": e.get("base") if method == "task_arithmetic" else None})
 
+    def _names(self) -> list[tuple[str, str]]:
+        """(role, model name) of what it merges: `model` for each model, `base` for task arithmetic's base."""
+        e = self.entry
+        out = [("model", n) for n in e["models"]]
+        if e.get("base") and e.get("method", "linear") == "task_arithmetic":
+            out.append(("base", e["base"]))
+        return out
+
+    def inputs(self) -> dict[str, str]:
+        # The trained models are the run's artifacts: their keys are known before they are trained.
+        return {f"train/{n}": f"train/{n}" for _, n in self._names() if n in TRAINED}
+
     def input_values(self) -> dict[str, str]:
-        specs, base = self._specs()
-        inputs = {f"model/{s.name}": model_fingerprint(s) for s in specs}
-        if base is not None and self.entry.get("method", "linear") == "task_arithmetic":
-            inputs[f"base/{base.name}"] = model_fingerprint(base)
-        return inputs
+        return {f"{role}/{n}": model_fingerprint(resolve_name(self.cfg, n, self.where))
+                for role, n in self._names() if n not in TRAINED}
 
     def shard_done(self, b: Build, i: int) -> bool:
         return bool(b.state.get("written"))  # damaged files are not patched: the merge is made whole again
@@ -433,8 +445,14 @@ def preflight(cfg: FuseConfig) -> None:
     """
     from lmfuse.models import resolve_model
 
+    trained = {"fused": cfg.fuses, "clm": cfg.train.control or not cfg.fuses}
+
     def spec(name: str, where: str) -> ModelSpec:
-        return cfg.target if name in ("fused", "clm") else resolve_name(cfg, name, where)
+        if name in TRAINED and not trained[name]:
+            raise LmfuseError(f"{where} names {name!r}, but this run trains no such model",
+                              where=where, fix="drop it from the entry" + (
+                                  "" if name == "fused" else ", or set `train.control: true`"))
+        return cfg.target if name in TRAINED else resolve_name(cfg, name, where)
 
     for i, group in enumerate(cfg.baselines.ensemble):
         check_same_tokenizer([spec(n, f"baselines.ensemble[{i}]") for n in group], "ensemble")

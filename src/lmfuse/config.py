@@ -170,7 +170,9 @@ class FuseConfig(_Section):
 
     output_dir: str
     target: ModelSpec
-    sources: list[ModelSpec] = Field(min_length=1)
+    # No sources: a CLM-only run (prepare, the target's extraction and `train/clm`, the target
+    # continually trained with λ = 1, whatever `train.control` says), as a domain expert is made.
+    sources: list[ModelSpec] = Field(default_factory=list)
     corpus: CorpusConfig
     prepare: PrepareConfig = PrepareConfig()
     extract: ExtractConfig = ExtractConfig()
@@ -198,6 +200,11 @@ class FuseConfig(_Section):
                 return m
         raise LmfuseError(f"no model named {name!r} in the config",
                           fix=f"choose one of: {', '.join(m.name for m in self.models)}")
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the run trains a fused model (it has sources); without, only the control."""
+        return bool(self.sources)
 
     @property
     def run_dir(self) -> Path:

@@ -5,8 +5,8 @@
 
 `Graph(cfg)` lists the nodes in build order (inputs before consumers). A node's key is the
 hash of its stage's config hash and its inputs' keys, computed once, top-down and memoised, so
-every key (and so every place in a sweep's store) is known before anything runs; only a
-merge's key waits for the models it merges (it hashes their files). `lmfuse run`, every stage
+every key (and so every place in a sweep's store) is known before anything runs (a merge of
+the run's trained models is keyed by their keys, not their files). `lmfuse run`, every stage
 command, `verify`, the report's timings and the sweep read this module; nothing else lists
 stages.
 """
@@ -42,8 +42,9 @@ def stages(cfg) -> list[Stage]:
     out += [ExtractStage(cfg, m.name) for m in cfg.models]
     out += [VocabMapStage(cfg, s.name) for s in cfg.sources]
     out += [AlignStage(cfg, s.name) for s in cfg.sources]
-    out.append(TrainStage(cfg, control=False))
-    if cfg.train.control:
+    if cfg.fuses:
+        out.append(TrainStage(cfg, control=False))
+    if cfg.train.control or not cfg.fuses:  # a run without sources trains the CLM-only model
         out.append(TrainStage(cfg, control=True))
     out += [MergeStage(cfg, i) for i in range(len(cfg.baselines.merge))]
     return out

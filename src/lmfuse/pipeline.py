@@ -55,8 +55,8 @@ def run_align(cfg, source_name: str, overwrite: bool = False, log: Log = print) 
 
 
 def run_train(cfg, control: bool = False, overwrite: bool = False, log: Log = print) -> dict:
-    """`lmfuse train`: the fused model (or the λ = 1 control); return the manifest."""
-    return runner.build_label(cfg, f"train/{'clm' if control else 'fused'}", overwrite, log)
+    """`lmfuse train`: the fused model (or the λ = 1 control; a run without sources has only that)."""
+    return runner.build_label(cfg, f"train/{'clm' if control or not cfg.fuses else 'fused'}", overwrite, log)
 
 
 def run_eval(cfg, models: Sequence[tuple[str, Any]] | None = None, log: Log = print, **kwargs: Any) -> dict:

@@ -151,6 +151,25 @@ def _words(iv: Interval, b: str | None = None, paired: bool = True) -> str:
     return f"the fused model is {'better' if better else 'worse'} than {b}"
 
 
+def _clm_only_verdict(results: dict, n_boot: int, seed: int) -> tuple[list[str], list[str], list[list[str]]] | None:
+    """A run without sources (a CLM-only run, e.g. a domain expert): the trained model − the target."""
+    models = results["models"]
+    clm, target = first_of_kind(models, "clm"), first_of_kind(models, "target")
+    if clm is None or target is None or any(m.get("kind") == "source" for m in models.values()):
+        return None
+    cells = compare(results, clm, target, n_boot, seed)
+    o = cells.get(OVERALL)
+    said = ("no interval" if o is None or not math.isfinite(o.lo)
+            else {"better": "better than the target", "worse": "worse than the target",
+                  "noise": "inside the noise"}[outcome(o.lo, o.hi)])
+    text = (f"**Verdict:** a run without sources: the target continually trained with λ = 1 alone (no fusion). "
+            f"Trained {MINUS} target ({target}): " + (f"**{signed(o.diff)} bits/byte** overall ({_ci(o)}): {said}."
+                                                      if o is not None else "not scored."))
+    groups = [*results["domains"], OVERALL]
+    head = [f"trained {MINUS} … [95%\u00a0CI]", *groups]
+    return [text], head, [[f"target ({target})", *[cell(*cells[g]) if g in cells else "–" for g in groups]]]
+
+
 def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = BOOT_SEED
             ) -> tuple[list[str], list[str], list[list[str]]]:
     """The report's opening: paragraphs, and a table of every difference with its CI.
@@ -168,7 +187,8 @@ def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = BOOT_SEED
     models = results["models"]
     fused = first_of_kind(models, "fused")
     if fused is None:
-        return ["**Verdict:** none yet: no fused model has been evaluated (`lmfuse train`, then `lmfuse eval`)."], [], []
+        return _clm_only_verdict(results, n_boot, seed) or (
+            ["**Verdict:** none yet: no fused model has been evaluated (`lmfuse train`, then `lmfuse eval`)."], [], [])
     comparisons = []  # (column name, name in a sentence, intervals)
     control = first_of_kind(models, "clm")
     if control is not None:

@@ -9,7 +9,6 @@ variant − the best source of each domain. Every comparison and number format i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,18 +31,10 @@ from lmfuse.compare import (
 )
 from lmfuse.document import Document
 from lmfuse.stats import Interval
+from lmfuse.sweep_file import Sweep, Variant, _value_name
 
-if TYPE_CHECKING:  # the runner's types; importing lmfuse.sweep here would be a cycle
-    from lmfuse.sweep import Run, Sweep, Variant
-
-
-def _value_name(v: Any) -> str:
-    """A config value as written in a variant's name and settings: `0.5`, `true`, `["a","b"]`."""
-    if isinstance(v, bool) or v is None:
-        return json.dumps(v)
-    if isinstance(v, str | int | float):
-        return str(v)
-    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+if TYPE_CHECKING:  # the runner's type; importing lmfuse.sweep here would be a cycle
+    from lmfuse.sweep import Run
 
 
 def _settings(v: Variant) -> str:
