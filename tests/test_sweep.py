@@ -473,8 +473,11 @@ def test_a_part_runs_alone_and_writes_its_own_table(make_config, tmp_path):
     lines: list[str] = []
     doc = run_sweep_file(child, parts=["seeds"], log=lines.append)
     out = tmp_path / "out"
-    assert (out / "parts" / "seeds" / "sweep.md").exists() and not (out / "sweep.md").exists()
+    assert (out / "parts" / "seeds" / "sweep.md").exists()
     assert not (out / "parts" / "screen").exists()
+    # The whole file's table: every finished run of every part; the other part's are not finished yet.
+    whole = json.loads((out / "sweep.json").read_text())
+    assert [v["name"] for v in whole["variants"]] == ["minCE", "avgCE"] and whole["missing"] == ["avgCE-s0"]
     assert [v["name"] for v in doc["variants"]] == ["minCE"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["minCE-s0", "minCE-s1"]
     # The other part reuses minCE-s0 (the same run) and runs only what it adds.
@@ -482,3 +485,53 @@ def test_a_part_runs_alone_and_writes_its_own_table(make_config, tmp_path):
     run_sweep_file(child, parts=["screen"], log=lines.append)
     assert sum("finished earlier and current; skipped" in x for x in lines) == 1
     assert _ran(lines).count("train/fused") == 1 and "not in the sweep any more" not in "\n".join(lines)
+    assert not json.loads((out / "sweep.json").read_text())["missing"]
+
+
+def test_experts_then_fusion_in_one_sweep_file(make_config, tmp_path):
+    """The domain-expert recipe as one sweep file: a part whose base has no sources trains the
+    experts (CLM-only runs), the fusion part names their models (`run:<run>/clm`) as sources and
+    merges them; running the fusion part alone runs the experts first, each merge is made once
+    for every seed (the store keys it before anything is trained), and the tables average the
+    domains."""
+    cfg = yaml.safe_load(make_config().read_text())
+    expert = {**cfg, "sources": [], "train": {**cfg["train"], "max_steps": 2}}
+    (tmp_path / "expert.yaml").write_text(yaml.safe_dump(expert))
+    fusion = {**cfg, "sources": [{"name": "ex-a", "path": "run:expert-a-s0/clm", "dtype": "float32"},
+                                 {"name": "ex-b", "path": "run:expert-b-s0/clm", "dtype": "float32"}],
+              "train": {**cfg["train"], "max_steps": 2},
+              "baselines": {"merge": [{"models": ["ex-a", "ex-b"], "name": "merge-linear"}],
+                            "ensemble": [["ex-a", "ex-b"]]}}
+    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(fusion))
+    f = tmp_path / "de.yaml"
+    f.write_text(yaml.safe_dump({
+        "base": "fusion.yaml", "output_dir": "out", "seeds": [0, 1], "table": {"average": ["code", "prose"]},
+        "parts": {
+            "experts": {"base": "expert.yaml", "seeds": [0], "variants": [
+                {"name": "expert-a", "set": {"train.learning_rate": 1e-3}},
+                {"name": "expert-b", "set": {"train.learning_rate": 2e-3}}]},
+            "fusion": {"variants": [{"name": "minCE"}]},
+        }}, sort_keys=False))
+    lines: list[str] = []
+    doc = run_sweep_file(f, parts=["fusion"], log=lines.append)
+    text = "\n".join(lines)
+    assert "minCE-s0 reads the model expert-a-s0 trains: running expert-a-s0 first" in text
+    out = tmp_path / "out"
+    counts = store_counts(out)
+    assert counts["merge"] == 1  # one merge of the two experts for both seeds
+    assert counts["train/clm"] == 2 + 2 and counts["train/fused"] == 2  # two experts, a control and a fused per seed
+    ex = json.loads((out / "runs" / "expert-a-s0" / "eval" / "results.json").read_text())
+    assert set(ex["models"]) == {"tgt", "clm"}  # a run without sources
+    (v,) = doc["variants"]
+    assert doc["groups"] == ["code", "legal", "prose", "average", "overall"]
+    assert v["fused"]["average"]["mean"] == pytest.approx((v["fused"]["code"]["mean"] + v["fused"]["prose"]["mean"]) / 2)
+    assert set(v["vs_baselines"]) == {"merge-linear", "ensemble-ex-a-ex-b"}
+    assert {"ex-a", "ex-b"} <= set(doc["references"])
+    whole = json.loads((out / "sweep.json").read_text())
+    assert [x["name"] for x in whole["variants"]] == ["expert-a", "expert-b", "minCE"] and not whole["missing"]
+    assert whole["variants"][0]["no_sources"] and "(λ = 1, no sources)" in (out / "sweep.md").read_text()
+    # A `run:` path must name a run of the file.
+    fusion["sources"][0]["path"] = "run:expert-c-s0/clm"
+    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(fusion))
+    with pytest.raises(LmfuseError, match="no other run 'expert-c-s0'"):
+        run_sweep_file(f, parts=["fusion"], log=lines.append)

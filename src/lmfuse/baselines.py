@@ -288,7 +288,7 @@ def merge_models(model_dirs: Sequence[str | Path], out: str | Path, weights: Seq
     finally:
         handles.clear()
 
-    out = Path(out)
+    out = Path(out).resolve()  # a sweep's run links it into the store: replace the directory, not the link
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

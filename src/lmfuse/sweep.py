@@ -55,6 +55,7 @@ from lmfuse.sweep_file import (  # noqa: F401 (the sweep file's API, also reache
 from lmfuse.sweep_tables import _settings, summarize_sweep, write_outputs
 
 MARKER = "sweep_run.json"
+RUN_REF = "run:"  # a model path `run:<run>/<clm|fused>`: the model another run of the sweep trains
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class Run:
     variant: Variant
     seed: int
     cfg: Any  # FuseConfig
+    refs: dict[str, str] = dataclasses.field(default_factory=dict)  # {model's place: the run that trains it}
 
     @property
     def name(self) -> str:
@@ -76,9 +78,11 @@ class Run:
 
 
 # -- building and checking the runs ------------------------------------------------------------
-def _run_data(sweep: Sweep, variant: Variant | None, seed: int) -> tuple[dict, list[str]]:
-    """The raw config dict of one run (the base and `set:` alone when `variant` is None), and the
-    problems of its dotted keys, each named by where the key was set."""
+def _run_data(sweep: Sweep, variant: Variant | None, seed: int,
+              names: set[str]) -> tuple[dict, list[str], dict[str, str]]:
+    """The raw config dict of one run (the base and `set:` alone when `variant` is None), the
+    problems of its dotted keys, each named by where the key was set, and its references to
+    other runs' models ({`sources[0]`: run name}, `run:` paths resolved)."""
     data = copy.deepcopy(sweep.base)
     problems = []
     scopes = [("set", sweep.common)]
@@ -96,60 +100,99 @@ def _run_data(sweep: Sweep, variant: Variant | None, seed: int) -> tuple[dict, l
         train = data["train"] = {}
     train["seed"] = seed
     train["control"] = True
-    return data, problems
+    refs, ref_problems = _run_refs(sweep, data, names, name)
+    scope = "set" if variant is None else f"variant {variant.name!r}"
+    return data, problems + [f"{scope}: {p}" for p in ref_problems], refs
 
 
-def _config_problems(data: dict, base_dir: Path) -> tuple[Any, list[str]]:
-    """A run's config and every problem in it: the config's own, the training's, the baselines'."""
+def _run_refs(sweep: Sweep, data: dict, names: set[str], me: str) -> tuple[dict[str, str], list[str]]:
+    """Resolve the `run:<run>/<clm|fused>` model paths of a raw config in place (to that run's
+    trained model); return {`target` or `sources[i]`: run name} and the problems."""
+    refs, problems = {}, []
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    for loc, m in [("target", data.get("target")), *((f"sources[{i}]", m) for i, m in enumerate(sources))]:
+        path = m.get("path") if isinstance(m, dict) else None
+        if not (isinstance(path, str) and path.startswith(RUN_REF)):
+            continue
+        name, _, kind = path.removeprefix(RUN_REF).partition("/")
+        if kind not in ("clm", "fused"):
+            problems.append(f"{loc}.path: {path!r}: write `run:<run>/clm` or `run:<run>/fused`, where <run> is "
+                            "`<variant>-s<seed>`")
+        elif name not in names or name == me:
+            problems.append(f"{loc}.path: {path!r}: no other run {name!r} in this sweep file (its runs: "
+                            f"{', '.join(sorted(names - {me})) or 'none'})")
+        else:
+            m["path"] = str(sweep.out_dir / "runs" / name / "train" / kind)
+            refs[loc] = name
+    return refs, problems
+
+
+def _config_problems(data: dict, base_dir: Path, refs: dict[str, str]) -> tuple[Any, list[str]]:
+    """A run's config and every problem in it: the config's own, the training's, the baselines'.
+
+    A model another run trains (`refs`) need not exist yet: its path and the baselines that read
+    it are checked when the run starts (`run_one`)."""
     from lmfuse.baselines import preflight
     from lmfuse.config import parse_config
     from lmfuse.train import check_train_config
 
     cfg, problems = parse_config(data, base_dir)
+    problems = [p for p in problems if not any(p.startswith(f"{loc}.path:") for loc in refs)]
     if cfg is not None and not problems:
-        for check in (lambda c: check_train_config(c, False), preflight):
+        for check in (lambda c: check_train_config(c, not c.fuses), None if refs else preflight):
             try:
-                check(cfg)
+                if check is not None:
+                    check(cfg)
             except LmfuseError as e:
                 problems.append(" ".join(e.what.split()) + (f" ({e.where})" if e.where else ""))
     return cfg, problems
 
 
-def build_runs(sweep: Sweep) -> list[Run]:
+def run_names(sweep: Sweep) -> set[str]:
+    """The names of a sweep's runs, `<variant>-s<seed>`."""
+    return {f"{v.name}-s{seed}" for v in sweep.variants for seed in sweep.seeds}
+
+
+def build_runs(sweep: Sweep, names: set[str] | None = None) -> list[Run]:
     """Every (variant, seed) run with its validated config, seed by seed (all variants of seed 0 first).
 
     Each variant's config is checked in full (`lmfuse.config.parse_config`, the training options,
     the baselines) before anything runs. A problem of the base config that every variant keeps
     is reported once, as the base config's; the others name their variant and key.
 
+    Args:
+        sweep: The sweep.
+        names: Every run a `run:` model path may name (default: this sweep's own).
+
     Raises:
         LmfuseError: Listing every problem.
     """
     if not sweep.variants:
         raise _problems_error(["variants: none"], sweep.source or sweep.out_dir)
-    data, common = _run_data(sweep, None, sweep.seeds[0])  # problems of `set:` are named once
-    _, base_problems = _config_problems(data, sweep.base_dir)
+    names = names if names is not None else run_names(sweep)
+    data, common, refs = _run_data(sweep, None, sweep.seeds[0], names)  # problems of `set:` are named once
+    _, base_problems = _config_problems(data, sweep.base_dir, refs)
     found: dict[str, list[str]] = {}
     keys: dict[str, list[str]] = {}
-    cfgs: dict[tuple[str, int], Any] = {}
+    runs: dict[tuple[str, int], Run] = {}
     for v in sweep.variants:
         for seed in sweep.seeds:
-            data, key_problems = _run_data(sweep, v, seed)
+            data, key_problems, refs = _run_data(sweep, v, seed, names)
             if seed == sweep.seeds[0]:  # the seed changes nothing but train.seed: check the rest once
-                cfg, found[v.name] = _config_problems(data, sweep.base_dir)
+                cfg, found[v.name] = _config_problems(data, sweep.base_dir, refs)
                 keys[v.name] = [p for p in key_problems if p not in common]
             else:
                 from lmfuse.config import parse_config
 
                 cfg, _ = parse_config(data, sweep.base_dir)
-            cfgs[(v.name, seed)] = cfg
+            runs[(v.name, seed)] = Run(v, seed, cfg, refs)
     shared = [p for p in base_problems if all(p in f for f in found.values())]
     problems = common + [f"base config {sweep.base_label}: {p}" for p in shared]
     for name, ps in found.items():
         problems += keys[name] + [f"variant {name!r}: {p}" for p in ps if p not in shared]
     if problems:
         raise _problems_error(problems, sweep.source or sweep.out_dir)
-    return [Run(v, seed, cfgs[(v.name, seed)]) for seed in sweep.seeds for v in sweep.variants]
+    return [runs[(v.name, seed)] for seed in sweep.seeds for v in sweep.variants]
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -205,6 +248,15 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
         `"skipped"` (finished and current) or `"ran"`.
     """
     cfg = run.cfg
+    if run.refs:  # the models other runs trained are there now: check what could not be checked before
+        from lmfuse.baselines import preflight
+
+        for loc, name in run.refs.items():
+            m = cfg.target if loc == "target" else cfg.sources[int(loc[len("sources["):-1])]
+            if not (Path(m.path) / "manifest.json").exists():
+                raise LmfuseError(f"{loc} is the model run {name} trains, and that run has not finished",
+                                  where=str(run.dir), fix=f"run the sweep's part that holds {name} first")
+        preflight(cfg)
     run.dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode()
     cfg_file = run.dir / "config.yaml"
@@ -307,33 +359,68 @@ def run_sweep_file(path: str | Path, log: Callable[[str], Any] = print, dry_run:
     """`lmfuse sweep SWEEP.yaml [--part NAME ...]`: load the sweep file and run it (see `run_sweep`).
 
     With parts, the parts asked for (default: all) run in the file's order, each writing its own
-    table; every part's runs are checked before any work. Returns the last part's `sweep.json`
-    object (with `dry_run`, every part's runs).
+    table, and then the whole file's table (`OUT/sweep.md`: every finished run of every part);
+    every part's runs are checked before any work. A run whose config names another run's model
+    (`run:<run>/clm`) runs that one first if it has not finished. Returns the last part's
+    `sweep.json` object (with `dry_run`, every part's runs).
     """
     sweeps = load_parts(path)
     unknown = [p for p in parts or [] if p not in sweeps]
     if unknown:
         raise LmfuseError(f"no part {', '.join(map(repr, unknown))} in the sweep file", where=str(path),
                           fix=f"choose from: {', '.join(n for n in sweeps if n) or '(the file has no parts)'}")
-    chosen = [sweeps[p] for p in (parts or list(sweeps))]
-    every = {r.name for sw in sweeps.values() for r in build_runs(sw)}  # all checked before any work
+    names = set().union(*(run_names(sw) for sw in sweeps.values()))
+    runs = {p: build_runs(sw, names) for p, sw in sweeps.items()}  # all checked before any work
+    by_name = {r.name: r for rs in runs.values() for r in rs}
     doc: dict = {}
     listing: list = []
-    for sw in chosen:
-        if sw.part:
-            log(f"== part {sw.part}")
-        doc = execute(sw, log=log, dry_run=dry_run, keep=every)
+    for p in parts or list(sweeps):
+        if p:
+            log(f"== part {p}")
+        doc = execute(sweeps[p], log=log, dry_run=dry_run, runs=runs[p], by_name=by_name)
         listing += doc.get("runs", []) if dry_run else []
-    return {"runs": listing} if dry_run else doc
+    if dry_run:
+        return {"runs": listing}
+    if len(sweeps) > 1 or "" not in sweeps:
+        whole = _whole_file(list(sweeps.values()))
+        with runner.store_lock(whole.out_dir):
+            md, _ = _table(whole, list(by_name.values()))
+        log(f"the whole sweep file's table (every finished run of every part): {md}")
+    return doc
+
+
+def _whole_file(sweeps: Sequence[Sweep]) -> Sweep:
+    """One sweep of every part's variants (a variant two parts name once), for the file's table."""
+    first = sweeps[0]
+    variants = list({v.name: v for sw in sweeps for v in sw.variants}.values())
+    seeds = sorted({x for sw in sweeps for x in sw.seeds})
+    bases = list(dict.fromkeys(sw.base_label for sw in sweeps))
+    return dataclasses.replace(first, variants=variants, seeds=seeds, part="", common={},
+                               base_label=", ".join(bases))
+
+
+def _table(sweep: Sweep, runs: Sequence[Run], **extra: Any) -> tuple[Path, dict]:
+    """Write a sweep's table from its runs' results; return the `.md` path and the `sweep.json` object."""
+    runs = [r for r in runs if r.variant.name in {v.name for v in sweep.variants}]
+    control_keys = {r.name: (read_json(r.dir / MARKER) or {}).get("keys", {}).get("train/clm") for r in runs}
+    doc = {**summarize_sweep(sweep, runs, control_keys, store_counts(sweep.out_dir)), **extra}
+    return write_outputs(doc, sweep.table_dir), doc
 
 
 def execute(sweep: Sweep, log: Callable[[str], Any] = print, dry_run: bool = False,
-            keep: set[str] | None = None) -> dict:
+            runs: Sequence[Run] | None = None, by_name: dict[str, Run] | None = None) -> dict:
     """Check every run, then run them in order and write the table (see `run_sweep`).
 
-    `keep`: run names other parts of the sweep file have (not reported as dropped).
+    Args:
+        sweep: The sweep (or one part of a sweep file).
+        log: Where progress lines go.
+        dry_run: List the runs and whether each has finished; run nothing.
+        runs: Its runs, checked (default: `build_runs(sweep)`).
+        by_name: Every run of the sweep file by name: those a `run:` path names, and those not
+            reported as dropped (default: this sweep's).
     """
-    runs = build_runs(sweep)
+    runs = list(runs if runs is not None else build_runs(sweep))
+    by_name = by_name or {r.name: r for r in runs}
     store = sweep.out_dir / "store"
     log(f"sweep: {len(sweep.variants)} variant(s) × {len(sweep.seeds)} seed(s) = {len(runs)} run(s) "
         f"-> {sweep.out_dir}")
@@ -345,20 +432,32 @@ def execute(sweep: Sweep, log: Callable[[str], Any] = print, dry_run: bool = Fal
             listing.append({"run": r.name, "variant": r.variant.name, "seed": r.seed, "state": state})
         return {"runs": listing}
     with runner.store_lock(sweep.out_dir):
-        _note_dropped(sweep, {r.name for r in runs} | (keep or set()), log)
+        _note_dropped(sweep, set(by_name), log)
         t0 = time.time()
         for i, r in enumerate(runs, 1):
+            _run_needed(r, by_name, store, log)
             log(f"[{i}/{len(runs)}] {r.name}: {_settings(r.variant)}")
             t = time.time()
             outcome = run_one(r, store, log)
             log(f"[{i}/{len(runs)}] {r.name}: " + ("finished earlier and current; skipped" if outcome == "skipped"
                                                   else f"done in {time.time() - t:.1f} s"))
-        control_keys = {r.name: (read_json(r.dir / MARKER) or {}).get("keys", {}).get("train/clm") for r in runs}
-        doc = summarize_sweep(sweep, runs, control_keys, store_counts(sweep.out_dir))
-        doc["seconds"] = round(time.time() - t0, 3)
-        md = write_outputs(doc, sweep.table_dir)
+        md, doc = _table(sweep, runs, seconds=round(time.time() - t0, 3))
     log(f"sweep done in {time.time() - t0:.1f} s; table: {md} (and sweep.html, sweep.json)")
     return doc
+
+
+def _run_needed(run: Run, by_name: dict[str, Run], store: Path, log: Callable[[str], Any],
+                chain: tuple[str, ...] = ()) -> None:
+    """Run first, if not finished, the runs whose trained models `run` reads (`run:` paths)."""
+    for name in dict.fromkeys(run.refs.values()):
+        if name in chain or name == run.name:
+            raise LmfuseError(f"runs read each other's models: {' -> '.join((*chain, run.name, name))}",
+                              where=str(run.variant.name), fix="a run may read only models of runs that do not read it")
+        ref = by_name[name]
+        if not is_finished(ref):
+            _run_needed(ref, by_name, store, log, (*chain, run.name))
+            log(f"  {run.name} reads the model {name} trains: running {name} first")
+            run_one(ref, store, log)
 
 
 def _note_dropped(sweep: Sweep, names: set[str], log: Callable[[str], Any]) -> None:

@@ -47,12 +47,21 @@ class Variant(_Strict):
 
 
 class Part(_Strict):
-    """One named part of a sweep file: its own variants (and seeds, settings), its own table."""
+    """One named part of a sweep file: its own variants (and seeds, settings, base), its own table."""
 
+    base: str | None = Field(None, description="default: the file's base config (relative to the sweep file)")
     seeds: list[int] | None = Field(None, min_length=1, description="default: the file's seeds")
     overrides: dict[str, Any] = Field(default_factory=dict, alias="set",
                                       description="dotted config key → value, after the file's `set`")
     variants: Any = Field(description="{grid: {dotted.key: [values]}} or a list of {name, set}")
+
+
+class TableOptions(_Strict):
+    """What the sweep's tables show beside the domains and `overall`."""
+
+    average: list[str] | None = Field(None, min_length=1, description=(
+        "domains whose mean is an `average` column, every domain alike (a paper's average); "
+        "default: none"))
 
 
 class SweepFile(_Strict):
@@ -63,13 +72,15 @@ class SweepFile(_Strict):
     share the runs and the store, each with its own table (`OUT/parts/<part>/sweep.md`).
     """
 
-    base: str = Field(description="the base config (relative to the sweep file), or lmfuse:demo[-quick]")
+    base: str | None = Field(None, description="the base config (relative to the sweep file), or "
+                                               "lmfuse:demo[-quick]; every part must then give its own")
     output_dir: str = Field(description="where runs/ and store/ go (relative to the sweep file)")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="values of train.seed")
     overrides: dict[str, Any] = Field(default_factory=dict, alias="set",
                                       description="dotted config key → value applied to every variant")
     variants: Any = Field(None, description="{grid: {dotted.key: [values]}} or a list of {name, set}")
     parts: dict[str, Part] | None = Field(None, description="named parts, each with its own variants and table")
+    table: TableOptions = Field(default_factory=lambda: TableOptions(), description="what the tables show")
 
 
 @dataclasses.dataclass
@@ -85,6 +96,7 @@ class Sweep:
     common: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Path | None = None  # the sweep file, when there is one
     part: str = ""  # the part of the sweep file ("" for a file without parts)
+    average: list[str] | None = None  # domains averaged into the tables' `average` column
 
     @property
     def table_dir(self) -> Path:
@@ -179,9 +191,13 @@ def read_sweep_file(path: Path, problems: list[str], seen: tuple[Path, ...] = ()
 
     data = read_yaml(path)
     here = path.resolve().parent
-    for key in ("base", "output_dir"):  # a parent's paths: relative to the parent (the file's own stay as given)
-        if seen and isinstance(data.get(key), str) and data[key] not in DEMO_BASES:
-            data[key] = str(_resolve(data[key], here))
+    if seen:  # a parent's paths: relative to the parent (the file's own stay as given)
+        places = [(data, "base"), (data, "output_dir")]
+        places += [(p, "base") for p in (data.get("parts") or {}).values() if isinstance(p, dict)] \
+            if isinstance(data.get("parts"), dict) else []
+        for where, key in places:
+            if isinstance(where.get(key), str) and where[key] not in DEMO_BASES:
+                where[key] = str(_resolve(where[key], here))
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -216,7 +232,6 @@ def load_parts(path: str | Path) -> dict[str, Sweep]:
     Raises:
         LmfuseError: Listing every problem in the file, each with its place.
     """
-    from lmfuse.config import read_yaml
 
     path = Path(path)
     problems: list[str] = []
@@ -246,38 +261,51 @@ def load_parts(path: str | Path) -> dict[str, Sweep]:
     if "" in part_variants:
         _duplicates(part_variants[""][0], problems)
     # Checked on the raw values too, so a file with other problems still reports these.
-    seeds, base_name = data.get("seeds"), data.get("base")
+    seeds = data.get("seeds")
     if isinstance(seeds, list) and len({json.dumps(x) for x in seeds}) != len(seeds):
         problems.append(f"seeds: repeated values in {seeds}")
-    base: dict = {}
-    base_dir = here
-    if isinstance(base_name, str) and base_name not in DEMO_BASES:
-        base_path = _resolve(base_name, here)
-        if not base_path.is_file():
-            problems.append(f"base: the config {base_name!r} does not exist (paths are relative to the sweep "
-                            f"file; lmfuse:demo and lmfuse:demo-quick name the demo's config)")
-        else:
-            try:
-                base = read_yaml(base_path)
-            except LmfuseError as e:
-                problems.append(f"base: {e.what}")
-            base_dir = base_path.parent
+    out_dir = _resolve(spec.output_dir, here) if spec is not None else here
+    bases = {}
+    for name, (_, part) in part_variants.items():
+        base_name = part.base if part is not None and part.base else data.get("base")
+        where = f"parts.{name}.base" if part is not None and part.base else "base"
+        if base_name is None and spec is not None:
+            problems.append(f"{where}: no base config; give `base:` (for the file or for this part)")
+        elif isinstance(base_name, str) and base_name not in bases:
+            bases[base_name] = _load_base(base_name, here, out_dir, where, problems)
     if problems:
         raise _problems_error(problems, path)
     assert spec is not None
-    out_dir = _resolve(spec.output_dir, here)
-    if spec.base in DEMO_BASES:
-        from lmfuse.demo import demo_config
-
-        base = demo_config(out_dir / "runs" / "base", quick=DEMO_BASES[spec.base])
     out = {}
     for name, (vs, part) in part_variants.items():
         seeds = list(part.seeds) if part is not None and part.seeds else list(spec.seeds)
         common = {**spec.overrides, **(part.overrides if part is not None else {})}
-        out[name] = Sweep(base=base, base_dir=base_dir, base_label=spec.base, out_dir=out_dir, seeds=seeds,
-                          variants=vs, common=common, source=path, part=name)
+        label = part.base if part is not None and part.base else spec.base
+        base, base_dir = bases[label]
+        out[name] = Sweep(base=base, base_dir=base_dir, base_label=label, out_dir=out_dir, seeds=seeds,
+                          variants=vs, common=common, source=path, part=name, average=spec.table.average)
     _same_names_same_settings(out, path)
     return out
+
+
+def _load_base(name: str, here: Path, out_dir: Path, where: str, problems: list[str]) -> tuple[dict, Path]:
+    """A base config as a raw dict and the folder its relative paths are relative to."""
+    from lmfuse.config import read_yaml
+
+    if name in DEMO_BASES:
+        from lmfuse.demo import demo_config
+
+        return demo_config(out_dir / "runs" / "base", quick=DEMO_BASES[name]), here
+    base_path = _resolve(name, here)
+    if not base_path.is_file():
+        problems.append(f"{where}: the config {name!r} does not exist (paths are relative to the sweep "
+                        f"file; lmfuse:demo and lmfuse:demo-quick name the demo's config)")
+        return {}, here
+    try:
+        return read_yaml(base_path), base_path.parent
+    except LmfuseError as e:
+        problems.append(f"{where}: {e.what}")
+        return {}, here
 
 
 def _same_names_same_settings(sweeps: dict[str, Sweep], path: Path) -> None:
@@ -286,7 +314,7 @@ def _same_names_same_settings(sweeps: dict[str, Sweep], path: Path) -> None:
     problems = []
     for part, sw in sweeps.items():
         for v in sw.variants:
-            settings = {**sw.common, **v.overrides}
+            settings = {"base": sw.base_label, **sw.common, **v.overrides}
             if v.name in seen and seen[v.name][1] != settings:
                 problems.append(f"parts.{part}: variant {v.name!r} sets other keys than in part "
                                 f"{seen[v.name][0]!r}; give it another name")

@@ -25,6 +25,7 @@ from lmfuse.compare import (
     bpb,
     cell,
     compare,
+    compare_domains,
     first_of_kind,
     mean_std,
     outcome,
@@ -63,9 +64,38 @@ def _pooled(iv: Interval, runs: Sequence[dict], what: str, g: str) -> dict:
             "seeds_better": said.count("better"), "seeds_worse": said.count("worse")}
 
 
-def _bpbs(recs: Sequence[dict], groups: Sequence[str]) -> dict[str, dict]:
-    """Bits per byte per group, mean ± std over `recs` (one record per seed)."""
-    return {g: mean_std([bpb(r, g) for r in recs])._asdict() for g in groups}
+class _Groups:
+    """The table's columns: the domains, `average` (the mean of the domains the sweep file names
+    under `table.average`, each alike) and `overall` (every block pooled)."""
+
+    def __init__(self, domains: Sequence[str], average: Sequence[str] | None):
+        self.average = [d for d in average or [] if d in domains]
+        self.names = [*domains, *([AVERAGE] if self.average else []), OVERALL]
+
+    def bpb(self, rec: dict, g: str) -> float:
+        if g == AVERAGE:
+            return sum(bpb(rec, d) for d in self.average) / len(self.average)
+        return bpb(rec, g)
+
+    def compare(self, a: Sequence[dict], b: Sequence[dict], g: str) -> Interval:
+        if g == AVERAGE:
+            try:
+                return compare_domains(a, b, self.average)[AVERAGE]
+            except ValueError:  # no per-block figures: the difference of the means, no interval
+                return Interval(sum(self.bpb(r, g) for r in a) / len(a) - sum(self.bpb(r, g) for r in b) / len(b),
+                                math.nan, math.nan)
+        return compare(a, b, g)
+
+    def bpbs(self, recs: Sequence[dict]) -> dict[str, dict]:
+        """Bits per byte per group, mean ± std over `recs` (one record per seed)."""
+        return {g: mean_std([self.bpb(r, g) for r in recs])._asdict() for g in self.names}
+
+    def one(self, rec: dict) -> dict[str, float]:
+        return {g: self.bpb(rec, g) for g in self.names}
+
+
+AVERAGE = "average"
+BASELINE_KINDS = ("ensemble", "merge")  # the baselines compared with every variant
 
 
 def summarize_sweep(sweep: Sweep, runs: Sequence[Run], control_keys: Mapping[str, str | None],
@@ -75,7 +105,8 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run], control_keys: Mapping[str
     Args:
         sweep: The sweep (its file, base, output directory, seeds, variants).
         runs: Its runs (`name`, `dir`, `variant`, `seed`); those without eval results of a fused
-            model and a control are listed under `missing`.
+            model and a control (or, for a run without sources, of its trained model) are listed
+            under `missing`.
         control_keys: Run name → the artifact key of its control (`train/clm`): variants whose
             runs share their controls share a control row.
         store: Complete artifacts in the sweep's store, per stage (`sweep.store_counts`).
@@ -83,65 +114,85 @@ def summarize_sweep(sweep: Sweep, runs: Sequence[Run], control_keys: Mapping[str
     from lmfuse.evaluate import BEST, load_results
 
     results = {r.name: load_results(r.dir) for r in runs}
-    done = [r for r in runs if results[r.name] and first_of_kind(results[r.name]["models"], "fused")
-            and first_of_kind(results[r.name]["models"], "clm")]
+
+    def has(r: Run, kind: str) -> bool:
+        return bool(results[r.name]) and first_of_kind(results[r.name]["models"], kind) is not None
+
+    done = [r for r in runs if has(r, "clm") and (has(r, "fused") or not r.cfg.fuses)]
     domains: list[str] = []
     for r in done:
         domains += [d for d in results[r.name]["domains"] if d not in domains]
-    groups = [*domains, OVERALL]
+    gr = _Groups(domains, getattr(sweep, "average", None))
+    groups = gr.names
     doc: dict[str, Any] = {
         "sweep": str(sweep.source) if sweep.source else None, "base": sweep.base_label,
         "output_dir": str(sweep.out_dir), "seeds": sweep.seeds, "domains": domains, "groups": groups,
-        "common": sweep.common, "n_boot": N_BOOT, "alpha": ALPHA, "bootstrap_seed": BOOT_SEED,
-        "missing": [r.name for r in runs if r not in done], "variants": [], "controls": [], "references": {},
+        "average_of": gr.average, "common": sweep.common, "n_boot": N_BOOT, "alpha": ALPHA,
+        "bootstrap_seed": BOOT_SEED, "missing": [r.name for r in runs if r not in done], "variants": [],
+        "controls": [], "references": {},
     }
-    first = results[done[0].name] if done else None
+    fusing = [r for r in done if r.cfg.fuses]
+    first = results[fusing[0].name] if fusing else results[done[0].name] if done else None
     if first:
         doc.update(split=first.get("split"), blocks=first.get("blocks"))
-        for kind in ("target", "source"):  # results.json keeps no order: the target first
+        for kind in ("target", "source", *BASELINE_KINDS):  # results.json keeps no order: the target first
             for label, rec in sorted(first["models"].items()):
                 if rec.get("kind") == kind:
-                    doc["references"][label] = {"kind": kind, "bpb": {g: bpb(rec, g) for g in groups}}
+                    doc["references"][label] = {"kind": kind, "bpb": gr.one(rec)}
+    baselines = [label for label, ref in doc["references"].items() if ref["kind"] in BASELINE_KINDS]
     controls: dict[tuple, dict] = {}  # control keys per seed → the control row
     for v in sweep.variants:
         vruns = [r for r in done if r.variant.name == v.name]
         entry: dict[str, Any] = {"name": v.name, "set": v.overrides, "runs": []}
         doc["variants"].append(entry)
+        if vruns and not vruns[0].cfg.fuses:  # trained without sources (λ = 1 alone): its figures only
+            recs = [results[r.name]["models"][first_of_kind(results[r.name]["models"], "clm")] for r in vruns]
+            entry.update(no_sources=True, trained=gr.bpbs(recs))
+            entry["runs"] = [{"seed": r.seed, "run": r.name, "run_dir": str(r.dir), "trained": gr.one(x)}
+                             for r, x in zip(vruns, recs)]
+            continue
         if not vruns:
             continue
         recs = []
         for r in vruns:
             models = results[r.name]["models"]
             fused, clm = models[first_of_kind(models, "fused")], models[first_of_kind(models, "clm")]
-            best = {g: s for g in groups if (s := best_source(models, g))}
+            best = {g: s for g in groups if (s := best_source(models, OVERALL if g == AVERAGE else g))}
             # `train.keep_best`: both arms at their lowest validation loss (`fused@best`, `clm@best`).
             fb, cb = models.get(f"fused{BEST}"), models.get(f"clm{BEST}")
             recs.append((r, models, fused, clm, best, fb, cb))
             entry["runs"].append({
                 "seed": r.seed, "run": r.name, "run_dir": str(r.dir), "blocks": results[r.name].get("blocks"),
                 "control_key": control_keys.get(r.name),
-                "fused": {g: bpb(fused, g) for g in groups}, "control": {g: bpb(clm, g) for g in groups},
-                "vs_control": {g: _iv(compare([fused], [clm], g)) for g in groups},
+                "fused": gr.one(fused), "control": gr.one(clm),
+                "vs_control": {g: _iv(gr.compare([fused], [clm], g)) for g in groups},
                 "best_source": best,
-                "vs_best_source": {g: _iv(compare([fused], [models[best[g]]], g)) for g in best},
-                **({"fused_best": {g: bpb(fb, g) for g in groups}, "control_best": {g: bpb(cb, g) for g in groups},
-                    "vs_control_best": {g: _iv(compare([fb], [cb], g)) for g in groups}}
+                "vs_best_source": {g: _iv(gr.compare([fused], [models[best[g]]], g)) for g in best},
+                "vs_baselines": {b: {g: _iv(gr.compare([fused], [models[b]], g)) for g in groups}
+                                 for b in baselines if b in models},
+                **({"fused_best": gr.one(fb), "control_best": gr.one(cb),
+                    "vs_control_best": {g: _iv(gr.compare([fb], [cb], g)) for g in groups}}
                    if fb and cb else {}),
             })
         fuseds, clms = [x[2] for x in recs], [x[3] for x in recs]
         best = recs[0][4]
-        entry["fused"] = _bpbs(fuseds, groups)
-        entry["control"] = _bpbs(clms, groups)
-        entry["vs_control"] = {g: _pooled(compare(fuseds, clms, g), entry["runs"], "vs_control", g) for g in groups}
+        entry["fused"] = gr.bpbs(fuseds)
+        entry["control"] = gr.bpbs(clms)
+        entry["vs_control"] = {g: _pooled(gr.compare(fuseds, clms, g), entry["runs"], "vs_control", g)
+                               for g in groups}
         entry["best_source"] = best
         entry["vs_best_source"] = {
-            g: _pooled(compare(fuseds, [m[best[g]] for _, m, *_ in recs], g), entry["runs"], "vs_best_source", g)
+            g: _pooled(gr.compare(fuseds, [m[best[g]] for _, m, *_ in recs], g), entry["runs"], "vs_best_source", g)
             for g in best}
+        entry["vs_baselines"] = {
+            b: {g: _pooled(gr.compare(fuseds, [m[b] for _, m, *_ in recs], g),
+                           [{"x": x["vs_baselines"][b]} for x in entry["runs"]], "x", g) for g in groups}
+            for b in baselines if all(b in m for _, m, *_ in recs)}
         fbs, cbs = [x[5] for x in recs], [x[6] for x in recs]
         if all(fbs) and all(cbs):  # every seed kept its best checkpoints
-            entry["fused_best"] = _bpbs(fbs, groups)
-            entry["control_best"] = _bpbs(cbs, groups)
-            entry["vs_control_best"] = {g: _pooled(compare(fbs, cbs, g), entry["runs"], "vs_control_best", g)
+            entry["fused_best"] = gr.bpbs(fbs)
+            entry["control_best"] = gr.bpbs(cbs)
+            entry["vs_control_best"] = {g: _pooled(gr.compare(fbs, cbs, g), entry["runs"], "vs_control_best", g)
                                         for g in groups}
         ckey = tuple((x["seed"], x["control_key"]) for x in entry["runs"])
         row = controls.setdefault(ckey, {"variants": [], "bpb": entry["control"],
@@ -266,11 +317,12 @@ def _seed_rows(variants: Sequence[dict], what: str, groups: Sequence[str]) -> li
 def render(doc: dict, out_dir: Path) -> Document:
     """The sweep table as a document (plots written to `out_dir`)."""
     groups = doc["groups"]
-    variants = [v for v in doc["variants"] if v["runs"]]
+    finished = [v for v in doc["variants"] if v["runs"]]
+    variants = [v for v in finished if not v.get("no_sources")]  # the fused ones
     d = Document()
     title = Path(doc["sweep"]).name if doc.get("sweep") else str(out_dir)
     d.h(f"lmfuse sweep: {title}", 1)
-    if not variants:
+    if not finished:
         d.p("No run has finished yet.")
         return d
     def verdict(o: dict) -> str:
@@ -280,8 +332,9 @@ def render(doc: dict, out_dir: Path) -> Document:
                 f"{o['seeds_worse']} worse)")
 
     summary = [f"`{v['name']}` {verdict(v['vs_control']['overall'])}" for v in variants]
-    d.p("**Variant − control, overall bits per byte** (mean ± std over seeds [95% CI of the seed-averaged "
-        "difference]; below zero, the variant is better): " + "; ".join(summary) + ".")
+    if summary:
+        d.p("**Variant − control, overall bits per byte** (mean ± std over seeds [95% CI of the seed-averaged "
+            "difference]; below zero, the variant is better): " + "; ".join(summary) + ".")
     at_best = [v for v in variants if v.get("vs_control_best")]
     if at_best:
         d.p("**The same, both at their best checkpoints** (`train.keep_best`: each arm's weights at its lowest "
@@ -289,6 +342,9 @@ def render(doc: dict, out_dir: Path) -> Document:
                                                for v in at_best) + ".")
     blocks = doc.get("blocks")
     per = [r.get("blocks") for v in variants for r in v["runs"]]
+    if doc.get("average_of"):
+        d.p(f"**{AVERAGE}** = the mean of {', '.join(doc['average_of'])} (each domain alike; its interval "
+            "resamples blocks within each domain); **overall** pools every block.")
     d.p(f"Base config `{doc['base']}`; {len(doc['variants'])} variant(s) × {len(doc['seeds'])} seed(s) "
         f"(`train.seed` ∈ {{{', '.join(map(str, doc['seeds']))}}}); held-out "
         f"{doc.get('split', 'validation')} blocks: {blocks}"
@@ -313,11 +369,17 @@ def render(doc: dict, out_dir: Path) -> Document:
         if "bpb_best" in c:
             rows.append([f"control (λ = 1){who} @best", "its best checkpoint",
                          *[_bpb_cell(c["bpb_best"][g]) for g in groups]])
+    for v in finished:
+        if v.get("no_sources"):
+            rows.append([f"`{v['name']}` (λ = 1, no sources)", _settings_text(v["set"]),
+                         *[_bpb_cell(v["trained"][g]) for g in groups]])
+    roles = {"target": "target, before training", "source": "source", "ensemble": "ensemble", "merge": "merge"}
     for label, ref in doc["references"].items():
-        name = f"{label} (target, before training)" if ref["kind"] == "target" else f"{label} (source)"
-        rows.append([name, "", *[cell(ref["bpb"][g], sign=False) for g in groups]])
+        rows.append([f"{label} ({roles[ref['kind']]})", "", *[cell(ref["bpb"][g], sign=False) for g in groups]])
     d.table(["model", "settings", *groups], rows, text=(0, 1))
 
+    if not variants:
+        return _runs_section(d, doc, finished, out_dir)
     d.h("Variant − control (same seed)")
     d.p("Per seed: the difference with its 95% CI. Mean row: mean ± std over seeds, then the 95% CI of the "
         "seed-averaged difference (per-block NLL averaged over seeds, then resampled by block).")
@@ -353,6 +415,21 @@ def render(doc: dict, out_dir: Path) -> Document:
         if p:
             d.img(p, "Variant − best source of each domain (95% CI over held-out blocks; one marker per seed)")
 
+    with_baselines = [v for v in variants if v.get("vs_baselines")]
+    if with_baselines:
+        d.h("Variant − baselines")
+        d.p("Each variant − each probability ensemble and parameter merge of the runs (`baselines` in the "
+            "config). Mean ± std over seeds [95% CI of the seed-averaged difference]; below zero, the variant "
+            "is better.")
+        rows = []
+        for v in with_baselines:
+            for b, cells in v["vs_baselines"].items():
+                rows.append([f"`{v['name']}`", b, *[_mean_cell(cells[g]) for g in groups], _words(cells, groups)])
+        d.table(["variant", "baseline", *groups, "in words"], rows, text=(0, 1, -1))
+    return _runs_section(d, doc, finished, out_dir)
+
+
+def _runs_section(d: Document, doc: dict, variants: Sequence[dict], out_dir: Path) -> Document:
     d.h("Runs")
     rows = []
     for v in variants:
