@@ -425,7 +425,7 @@ def test_missing_extraction_is_a_clear_error(tmp_path, model_dirs):
     cfg = _cfg(tmp_path, model_dirs)
     domains, texts = _blocks(cfg)
     _write_prepare(cfg, domains, texts)
-    with pytest.raises(LmfuseError, match="run `lmfuse extract`"):
+    with pytest.raises(LmfuseError, match="build it first: `lmfuse extract CONFIG --model"):
         run_align(cfg, "src", log=lambda *_: None)
 
 

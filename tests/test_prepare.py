@@ -202,3 +202,19 @@ def test_split_field_with_a_bad_value_names_the_line(tmp_path):
     t.write_text("hello")
     with pytest.raises(LmfuseError, match="has no fields"):
         read_corpus(t, split_field="split")
+
+
+def test_corpus_domains_reads_only_those_domains(make_config):
+    """`corpus.domains` keeps the named domains (a domain expert's corpus out of a mixed file); a
+    name the corpus lacks is refused with the domains it has. Unset, the key is as before."""
+    from lmfuse.graph import Graph
+
+    everything = load_config(make_config())
+    code = load_config(make_config({"corpus.domains": ["code"]}, name="code.yaml"))
+    man = run_prepare(code)
+    assert set(man["blocks_per_domain"]) == {"code"}
+    assert Graph(code)["prepare"].key != Graph(everything)["prepare"].key
+    typo = load_config(make_config({"corpus.domains": ["cdoe"], "output_dir": str(code.run_dir) + "-typo"},
+                                   name="typo.yaml"))
+    with pytest.raises(LmfuseError, match="(?s)'cdoe'.*choose from its domains: code, legal, prose"):
+        run_prepare(typo)

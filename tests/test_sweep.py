@@ -18,7 +18,6 @@ from lmfuse.evaluate import per_block, summarize
 from lmfuse.pipeline import verify_run
 from lmfuse.stats import paired_bootstrap
 from lmfuse.sweep import (
-    _link,
     grid_variants,
     key_problem,
     load_sweep,
@@ -26,6 +25,7 @@ from lmfuse.sweep import (
     set_dotted,
     store_counts,
 )
+from lmfuse.sweep_store import link, unlink_others
 
 TWO = [{"name": "minCE"}, {"name": "avgCE", "set": {"train.fusion": "avgCE"}}]
 
@@ -376,33 +376,31 @@ def test_compare_blocks_pairs_by_block_and_averages_seeds():
 
 def test_links_never_replace_a_real_directory_and_overwrite_never_deletes_the_store(tmp_path):
     target = tmp_path / "store" / "extract" / "k1"
-    link = tmp_path / "runs" / "a-s0" / "extract" / "tgt"
-    _link(link, target)
-    assert link.is_symlink() and link.resolve() == target.resolve()
-    _link(link, target)  # idempotent
-    art = ArtifactDir(link, "extract", "h1", {"prepare": "p"})
+    lnk = tmp_path / "runs" / "a-s0" / "extract" / "tgt"
+    link(lnk, target)
+    assert lnk.is_symlink() and lnk.resolve() == target.resolve()
+    link(lnk, target)  # idempotent
+    art = ArtifactDir(lnk, "extract", "h1", {"prepare": "p"})
     art.begin()
     art.finish()
     other = tmp_path / "store" / "extract" / "k2"
-    _link(link, other)  # the variant changed: re-pointed, the old entry kept
-    assert link.resolve() == other.resolve() and read_manifest(target) is not None
-    _link(link, target)
+    link(lnk, other)  # the variant changed: re-pointed, the old entry kept
+    assert lnk.resolve() == other.resolve() and read_manifest(target) is not None
+    link(lnk, target)
     # `lmfuse run RUN/config.yaml --overwrite` after a config edit: the stale artifact behind the link
     # must not be deleted (it is shared); today's ArtifactDir.begin stops at the link.
-    stale = ArtifactDir(link, "extract", "h2", {"prepare": "p"}, overwrite=True)
+    stale = ArtifactDir(lnk, "extract", "h2", {"prepare": "p"}, overwrite=True)
     with contextlib.suppress(OSError):
         stale.begin()
     assert read_manifest(target) is not None and (target / "stage.json").exists()
     # A variant that drops a source loses the run's link to its artifacts, not the artifacts.
-    from lmfuse.sweep import _unlink_others
-
-    _unlink_others(tmp_path / "runs" / "a-s0", {"prepare", "train/fused"})
-    assert not link.is_symlink() and read_manifest(target) is not None
+    unlink_others(tmp_path / "runs" / "a-s0", {"prepare", "train/fused"})
+    assert not lnk.is_symlink() and read_manifest(target) is not None
     real = tmp_path / "runs" / "a-s0" / "align" / "s"
     real.mkdir(parents=True)
     atomic_write_json(real / "x.json", {})
     with pytest.raises(LmfuseError, match="not a link into the sweep's store"):
-        _link(real, tmp_path / "store" / "align" / "k")
+        link(real, tmp_path / "store" / "align" / "k")
 
 
 # -- parts and extends ---------------------------------------------------------------------------
@@ -529,7 +527,7 @@ def test_experts_then_fusion_in_one_sweep_file(make_config, tmp_path):
     assert {"ex-a", "ex-b"} <= set(doc["references"])
     whole = json.loads((out / "sweep.json").read_text())
     assert [x["name"] for x in whole["variants"]] == ["expert-a", "expert-b", "minCE"] and not whole["missing"]
-    assert whole["variants"][0]["no_sources"] and "(λ = 1, no sources)" in (out / "sweep.md").read_text()
+    assert whole["variants"][0]["no_sources"] and "(λ = 1, no sources;" in (out / "sweep.md").read_text()
     # A `run:` path must name a run of the file.
     fusion["sources"][0]["path"] = "run:expert-c-s0/clm"
     (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(fusion))

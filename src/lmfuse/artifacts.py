@@ -218,26 +218,30 @@ def load_arrow_dataset(paths: Iterable[str | Path]):
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
+def _generic_command(path: Path, stage: str | None) -> str:
+    return f"rebuild {path} with the stage that makes it"
+
+
+_rebuild: list = [_generic_command]  # set by `lmfuse.graph` (`set_rebuild_command`), which knows the commands
+
+
+def set_rebuild_command(fn) -> None:
+    """Say how the command that rebuilds an artifact is found: `fn(path, stage) -> command`.
+
+    The storage layer names that command in its errors but does not know the command line; the
+    stage graph (`lmfuse.graph`, loaded by every entry point) registers its table here.
+    """
+    _rebuild[0] = fn
+
+
 def regenerate_command(path: str | Path, stage: str | None = None) -> str:
     """The command that rebuilds the artifact at `path` (`RUN/<stage>[/<name>]`), for error messages."""
-    path = Path(path)
-    stage = stage or (path.name if path.name in ("prepare", "eval") else path.parent.name)
-    name = path.name
-    if stage == "prepare":
-        return "lmfuse prepare CONFIG --overwrite"
-    if stage == "extract":
-        return f"lmfuse extract CONFIG --model {name} --overwrite"
-    if stage == "vocab_map":
-        return f"lmfuse vocab-map CONFIG --source {name} --overwrite"
-    if stage == "align":
-        return f"lmfuse align CONFIG --source {name} --overwrite"
-    if stage == "train":
-        return "lmfuse train CONFIG" + (" --control" if name == "clm" else "") + " --overwrite"
-    if stage == "merge":  # eval rebuilds a merge that is missing (not one whose manifest still vouches for it)
-        return f"rm -r {path} && lmfuse eval CONFIG"
-    if stage == "eval" or path.name == "eval":  # eval rescores damaged cache entries and rewrites its results
-        return "lmfuse eval CONFIG"
-    return "lmfuse run CONFIG --overwrite"
+    return _rebuild[0](Path(path), stage)
+
+
+def build_command(path: str | Path, stage: str | None = None) -> str:
+    """The command that builds the artifact at `path` when it is missing."""
+    return regenerate_command(path, stage).replace(" --overwrite", "")
 
 
 def content_files(path: str | Path) -> list[Path]:
@@ -470,7 +474,7 @@ class ArtifactDir:
                               where=str(self.path), fix=f"rebuild it: `{regenerate_command(self.path, self.stage)}`")
         if state != "complete":
             raise LmfuseError(f"{self.stage} artifact at {self.path} is not complete",
-                              where=str(self.path), fix=f"run `lmfuse {self.stage}` first")
+                              where=str(self.path), fix=f"build it first: `{build_command(self.path, self.stage)}`")
         return load_arrow_dataset(self.shard_paths())
 
     # -- finish --------------------------------------------------------------------------
@@ -506,7 +510,7 @@ def load_complete(path: str | Path, stage: str):
     manifest = read_manifest(path)
     if manifest is None:
         raise LmfuseError(f"{stage} artifact at {path} is not complete", where=str(path),
-                          fix=f"run `lmfuse {stage.replace('_', '-')}` first")
+                          fix=f"build it first: `{build_command(path, stage)}`")
     problems = damage(path, manifest)
     if problems:
         raise LmfuseError(f"the {stage} artifact is damaged: {'; '.join(problems[:3])}",
@@ -535,7 +539,7 @@ def check_artifact(path: str | Path, stage: str, full: bool = True) -> dict:
                           where=str(path / MANIFEST), fix=f"rebuild it: `{regenerate_command(path, stage)}`") from e
     if manifest is None:
         raise LmfuseError(f"no complete {stage} artifact at {path}", where=str(path),
-                          fix=f"run `lmfuse {stage.replace('_', '-')}` first (or `lmfuse run CONFIG`)")
+                          fix=f"build it first: `{build_command(path, stage)}` (or the whole run)")
     if manifest.get("stage") != stage:
         raise LmfuseError(f"{path} holds a '{manifest.get('stage')}' artifact, not '{stage}'",
                           where=str(path), fix="point at the right directory")
@@ -544,7 +548,7 @@ def check_artifact(path: str | Path, stage: str, full: bool = True) -> dict:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise LmfuseError(f"the {stage} artifact is damaged: {'; '.join(problems[:3])}{more}",
                           where=str(path), fix=f"rebuild it: `{regenerate_command(path, stage)}` "
-                                               "(or `lmfuse run CONFIG`, which rebuilds damaged files)")
+                                               "(or run the whole run again, which rebuilds damaged files)")
     return manifest
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
+from lmfuse.evalmodel import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.fingerprint import model_fingerprint
 from lmfuse.hashing import hash_obj
-from lmfuse.modelspec import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.registry import Registry
 from lmfuse.stage import Build, Stage
 

@@ -40,6 +40,7 @@ class CorpusConfig(_Section):
     split_field: str | None = Field(None, description="field giving each document's split (train|validation); "
                                                       "None = split by document with prepare.validation_fraction")
     max_docs_per_domain: int | None = Field(None, ge=1)
+    domains: list[str] | None = Field(None, min_length=1, description="read only these domains (default: all)")
 
 
 class PrepareConfig(_Section):

@@ -43,9 +43,9 @@ from lmfuse.artifacts import (
 from lmfuse.batches import padded_batches
 from lmfuse.config import FuseConfig, ModelSpec
 from lmfuse.errors import LmfuseError
+from lmfuse.evalmodel import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.fingerprint import model_fingerprint
 from lmfuse.hashing import hash_obj
-from lmfuse.modelspec import EvalModel, dir_spec, hf_model_dir, safe_name
 from lmfuse.stats import bits_per_byte
 
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmfuse.artifacts import ArtifactDir
+from lmfuse.artifacts import ArtifactDir, set_rebuild_command
 from lmfuse.errors import LmfuseError
 from lmfuse.hashing import hash_obj
 from lmfuse.stage import Stage
@@ -72,7 +72,7 @@ class Node:
     @property
     def command(self) -> str:
         """The command that rebuilds this artifact."""
-        return self.stage.command()
+        return rebuild_command(Path(self.label), self.kind)
 
     @property
     def inputs(self) -> dict[str, str]:
@@ -190,3 +190,25 @@ def input_key(manifest: dict, input_manifest: dict) -> str | None:
     extraction made by an older lmfuse has none, and the control then recorded its key.
     """
     return (input_manifest.get("tokens_key") if manifest.get("control") else None) or input_manifest.get("key")
+
+
+# -- the command that rebuilds each kind of artifact ----------------------------------------------
+def rebuild_command(path: Path, stage: str | None = None) -> str:
+    """The command that rebuilds the artifact at `path` (`RUN/<stage>[/<name>]`), for error messages."""
+    stage = stage or (path.name if path.name in SINGLE else path.parent.name)
+    name = path.name
+    commands = {
+        "prepare": "lmfuse prepare CONFIG --overwrite",
+        "extract": f"lmfuse extract CONFIG --model {name} --overwrite",
+        "vocab_map": f"lmfuse vocab-map CONFIG --source {name} --overwrite",
+        "align": f"lmfuse align CONFIG --source {name} --overwrite",
+        "train": "lmfuse train CONFIG" + (" --control" if name == "clm" else "") + " --overwrite",
+        # eval rebuilds a merge that is missing (not one whose manifest still vouches for it)
+        "merge": f"rm -r {path} && lmfuse eval CONFIG",
+        # eval rescores damaged cache entries and rewrites its results
+        "eval": "lmfuse eval CONFIG",
+    }
+    return commands.get("eval" if path.name == "eval" else stage, "lmfuse run CONFIG --overwrite")
+
+
+set_rebuild_command(rebuild_command)  # the storage layer's errors name these commands

@@ -314,8 +314,16 @@ def make_blocks(docs: list[dict], tokenizers: list, pc) -> pa.Table:
 
 
 def read_documents(cfg) -> list[dict]:
-    """The corpus's documents, `corpus.max_docs_per_domain` applied."""
+    """The corpus's documents, `corpus.domains` and `corpus.max_docs_per_domain` applied."""
     docs = read_corpus(cfg.corpus.path, cfg.corpus.text_field, cfg.corpus.domain_field, cfg.corpus.split_field)
+    if cfg.corpus.domains is not None:
+        found = {d["domain"] for d in docs}
+        missing = [d for d in cfg.corpus.domains if d not in found]
+        if missing:
+            raise LmfuseError(f"corpus.domains names {', '.join(map(repr, missing))}, which the corpus does not have",
+                              where=str(cfg.corpus.path),
+                              fix=f"choose from its domains: {', '.join(sorted(found))}")
+        docs = [d for d in docs if d["domain"] in cfg.corpus.domains]
     if cfg.corpus.max_docs_per_domain:
         seen: dict[str, int] = {}
         kept = []
@@ -372,7 +380,8 @@ class PrepareStage(Stage):
         cfg = self.cfg
         data = corpus_fingerprint(Path(cfg.corpus.path))
         tokenizers = [[m.path, m.revision, model_fingerprint(m, tokenizer_only=True)] for m in cfg.models]
-        return hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path"}), cfg.prepare.model_dump(), data,
+        unset = {"domains"} if cfg.corpus.domains is None else set()  # keys as before the option existed
+        return hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path", *unset}), cfg.prepare.model_dump(), data,
                          tokenizers])
 
     def n_shards(self, b: Build) -> int:

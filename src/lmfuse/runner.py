@@ -32,10 +32,17 @@ from lmfuse.artifacts import (
     damage,
     read_json,
     read_manifest,
-    regenerate_command,
 )
 from lmfuse.errors import LmfuseError
-from lmfuse.graph import KINDS, Graph, Node, artifact_labels, input_key, input_label
+from lmfuse.graph import (
+    KINDS,
+    Graph,
+    Node,
+    artifact_labels,
+    input_key,
+    input_label,
+    rebuild_command,
+)
 from lmfuse.lock import run_lock
 from lmfuse.parallel import barrier, is_main, my_shards
 from lmfuse.stage import Build, stats_path
@@ -291,7 +298,7 @@ def verify_run(run_dir: str | Path) -> list[Check]:
 
 
 def _check(run_dir: Path, lab: str, manifests: dict, unreadable: dict) -> Check:
-    cmd = regenerate_command(run_dir / lab, lab.partition("/")[0])
+    cmd = rebuild_command(run_dir / lab, lab.partition("/")[0])
     m = manifests[lab]
     if lab in unreadable:
         return Check(lab, "damaged", f"manifest.json: unreadable ({unreadable[lab]})", cmd)

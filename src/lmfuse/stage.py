@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from lmfuse.artifacts import ArtifactDir, regenerate_command
+from lmfuse.artifacts import ArtifactDir
 
 
 @dataclass
@@ -114,9 +114,6 @@ class Stage:
     def after_finish(self, b: Build, manifest: dict) -> None:
         """Called on the main process after the manifest is written (log lines, cleanup)."""
 
-    def command(self) -> str:
-        """The command that rebuilds this artifact."""
-        return regenerate_command(Path(self.label), self.kind)
 
 
 def stats_path(art: ArtifactDir, i: int) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from lmfuse.sweep_file import (  # noqa: F401 (the sweep file's API, also reache
     load_sweep,
     set_dotted,
 )
+from lmfuse.sweep_store import link, store_counts, unlink_others
 from lmfuse.sweep_tables import _settings, summarize_sweep, write_outputs
 
 MARKER = "sweep_run.json"
@@ -195,42 +195,6 @@ def build_runs(sweep: Sweep, names: set[str] | None = None) -> list[Run]:
     return [runs[(v.name, seed)] for seed in sweep.seeds for v in sweep.variants]
 
 
-# -- the store ---------------------------------------------------------------------------------
-def _link(link: Path, target: Path) -> None:
-    """Make `link` a relative symbolic link to the directory `target` (created if missing).
-
-    A link to somewhere else is replaced (the variant changed; the store keeps the old entry).
-    A real directory is refused: it is not the sweep's, and deleting it is the user's call.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(target, link.parent)
-    if link.is_symlink():
-        if os.readlink(link) == rel:
-            return
-    elif link.exists():
-        raise LmfuseError(f"{link} is a directory, not a link into the sweep's store",
-                          where=str(link), fix="move or delete it (the sweep makes this path itself), then rerun")
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.link-tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(rel, tmp)
-    os.replace(tmp, link)  # atomic: the path is always a whole link
-
-
-def store_counts(out_dir: str | Path) -> dict[str, int]:
-    """Complete artifacts in a sweep's store, per stage (`train` split into fused and control)."""
-    store = Path(out_dir) / "store"
-    counts: dict[str, int] = {}
-    for kind in KINDS:
-        for d in sorted((store / kind).glob("*/manifest.json")):
-            name = kind
-            if kind == "train":
-                name = "train/clm" if (read_json(d) or {}).get("control") else "train/fused"
-            counts[name] = counts.get(name, 0) + 1
-    counts["eval records"] = len(list((store / "eval_cache").glob("*.json")))
-    return counts
-
-
 def _config_hash(cfg) -> str:
     return hash_obj(cfg.model_dump())
 
@@ -266,13 +230,13 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
     nodes = list(graph)
     keys = {n.label: n.key for n in nodes}
     for n in nodes:
-        _link(run.dir / n.label, store / n.kind / n.key)
+        link(run.dir / n.label, store / n.kind / n.key)
     for n in nodes:
         if n.artifact().state() == "stale":  # the entry at this key was made by another config: never replace shared data
             raise LmfuseError(f"the store entry {n.path.resolve()} does not match its key {n.key}",
                               where=str(run.dir / n.label),
                               fix="delete that store directory (it was not made by this lmfuse), then rerun")
-    _unlink_others(run.dir, set(keys))
+    unlink_others(run.dir, set(keys))
     def line(node, what: str, why: str) -> str | None:
         if what == "skipped":
             return None
@@ -281,7 +245,7 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
     outcome = runner.build_all(graph, log=log, kinds=[k for k in KINDS if k != "merge"], line=line)
     ran = [label for label, what in outcome.items() if what != "skipped"]
     (run.dir / "eval").mkdir(exist_ok=True)
-    _link(run.dir / "eval" / "cache", store / "eval_cache")
+    link(run.dir / "eval" / "cache", store / "eval_cache")
     marker = {"variant": run.variant.name, "seed": run.seed, "set": run.variant.overrides,
               "config_hash": _config_hash(cfg), "keys": keys}
     old = read_json(run.dir / MARKER) or {}
@@ -291,17 +255,6 @@ def run_one(run: Run, store: Path, log: Callable[[str], Any] = print) -> str:
     runner.write_report(run.dir)
     atomic_write_json(run.dir / MARKER, {**marker, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return "ran"
-
-
-def _unlink_others(run_dir: Path, labels: set[str]) -> None:
-    """Remove the run's links to artifacts its config no longer has (a variant dropped a source).
-
-    Only the links go (the store keeps the artifacts); the report would otherwise still list them.
-    """
-    for kind in KINDS:
-        for p in sorted((run_dir / kind).glob("*")):
-            if p.is_symlink() and f"{kind}/{p.name}" not in labels:
-                p.unlink()
 
 
 def is_finished(run: Run) -> bool:

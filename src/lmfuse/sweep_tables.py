@@ -371,7 +371,7 @@ def render(doc: dict, out_dir: Path) -> Document:
                          *[_bpb_cell(c["bpb_best"][g]) for g in groups]])
     for v in finished:
         if v.get("no_sources"):
-            rows.append([f"`{v['name']}` (λ = 1, no sources)", _settings_text(v["set"]),
+            rows.append([f"`{v['name']}` (λ = 1, no sources; on its own run's held-out blocks)", _settings_text(v["set"]),
                          *[_bpb_cell(v["trained"][g]) for g in groups]])
     roles = {"target": "target, before training", "source": "source", "ensemble": "ensemble", "merge": "merge"}
     for label, ref in doc["references"].items():
