@@ -107,3 +107,25 @@ def test_help_lists_the_subcommands():
     expected = {"validate", "prepare", "extract", "vocab-map", "align", "train", "eval", "report", "run", "sweep",
                 "demo", "models"}
     assert expected <= listed, sorted(expected - listed)
+
+
+def test_an_output_dir_inside_a_folder_corpus_is_refused(make_config, tmp_path):
+    """Issue 26.3: the run's own files changed the folder corpus's fingerprint, so every `lmfuse run`
+    rebuilt every stage. Refused at validate, with the field, the folder and a place that works."""
+    corpus = tmp_path / "texts"
+    (corpus / "prose").mkdir(parents=True)
+    (corpus / "prose" / "a.txt").write_text("Some prose to read. " * 20)
+    for output_dir in ("texts/run", "texts", str(corpus / "prose" / "deeper" / "run"), "texts/../texts/x"):
+        problems = validate_config(make_config({"corpus.path": "texts", "output_dir": output_dir}))
+        assert len(problems) == 1, (output_dir, problems)
+        assert problems[0].startswith(f"output_dir: {output_dir!r} is inside the corpus folder 'texts' ({corpus.resolve()})")
+        assert "every stage" in problems[0] and f"put output_dir outside it, e.g. {corpus.resolve()}-run" in problems[0]
+    with pytest.raises(LmfuseError, match="is inside the corpus folder"):
+        load_config(tmp_path / "config.yaml")
+    # Through a symbolic link to the folder: the same folder.
+    (tmp_path / "link").symlink_to(corpus)
+    assert validate_config(make_config({"corpus.path": "link", "output_dir": "texts/run"}))
+    # Beside the folder, or beside a single-file corpus (the usual layout), is fine.
+    assert validate_config(make_config({"corpus.path": "texts", "output_dir": "texts-run"})) == []
+    assert validate_config(make_config({"corpus.path": "texts/prose/a.txt", "output_dir": "texts/prose/run"})) == []
+    assert validate_config(make_config()) == []  # corpus.jsonl and run/ side by side

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -437,3 +438,31 @@ def test_tokens_key_ignores_the_extract_options_and_follows_blocks_and_model(mak
     assert key({"prepare.block_size": 40}) != base
     assert key({"target.path": str(tiny_models["spm"])}) != base
     assert key({"target.dtype": "bfloat16"}) != base
+
+
+def test_special_token_strings_in_the_corpus_are_stored_as_text(make_config, tiny_corpus, tiny_models):
+    """Issue 26.8c: `<s>`, `</s>`, `<|endoftext|>` written in the corpus were stored as the
+    tokenizers' special ids (the target's EOS mid-text, which it then learns to emit). Now every
+    model's extraction holds them as plain text: the only special ids are those the tokenizer adds
+    itself (the spm BOS at position 0), and every block fits `block_size` as stored."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in tiny_corpus.read_text().splitlines()]
+    for r in rows:
+        r["text"] = "<|im_start|>user\n<s>" + r["text"].replace("\n", " </s>\n<s> ") + " <|endoftext|>"
+    tiny_corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(make_config())
+    run_prepare(cfg, **QUIET)
+    texts = {b["block_id"]: b["text"] for b in load_blocks(cfg)}
+    assert sum(t.count("<|endoftext|>") + t.count("<s>") + t.count("</s>") for t in texts.values()) > 50
+    for name, kind in [("tgt", "bpe"), ("src_spm", "spm"), ("src_wp", "wordpiece")]:
+        run_extract(cfg, name, progress=False, **QUIET)
+        tok = AutoTokenizer.from_pretrained(tiny_models[kind])
+        specials = {tok.convert_tokens_to_ids(s) for s in ("<s>", "</s>", "<|endoftext|>") if s in tok.all_special_tokens}
+        own = [i for i in tok("x")["input_ids"] if i in specials]  # what the tokenizer adds itself (spm: BOS)
+        for row in rows_of(cfg.run_dir / "extract" / name):
+            ids = list(row["input_ids"])
+            assert [i for i in ids if i in specials] == own, (name, tok.convert_ids_to_tokens(ids))
+            assert len(ids) <= cfg.prepare.block_size
+            if kind == "bpe":  # byte-level BPE decodes back to the very text, literal special strings included
+                assert tok.decode(ids) == texts[row["block_id"]]

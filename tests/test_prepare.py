@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,161 @@ def test_corpus_domains_reads_only_those_domains(make_config):
                                    name="typo.yaml"))
     with pytest.raises(LmfuseError, match="(?s)'cdoe'.*choose from its domains: code, legal, prose"):
         run_prepare(typo)
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_a_rerun_beside_the_corpus_skips_every_stage(make_config, tmp_path, tiny_models, layout):
+    """Issue 26.3: a run directory next to a single-file corpus (or next to a folder corpus) leaves
+    the corpus's fingerprint alone, so a second `lmfuse run` (a new process: no remembered
+    fingerprint) skips every stage. One inside a folder corpus is refused (test_config)."""
+    from lmfuse import prepare
+    from lmfuse.pipeline import run_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    if layout == "file":
+        corpus = data / "corpus.jsonl"
+        corpus.write_text((tmp_path / "corpus.jsonl").read_text())
+    else:
+        corpus = data / "texts"
+        for row in map(json.loads, (tmp_path / "corpus.jsonl").read_text().splitlines()):
+            (corpus / row["domain"]).mkdir(parents=True, exist_ok=True)
+            n = len(list((corpus / row["domain"]).iterdir()))
+            (corpus / row["domain"] / f"{n}.txt").write_text(row["text"])
+    cfg = load_config(make_config({
+        "corpus.path": str(corpus), "output_dir": str(data / "run"), "train.max_steps": 1, "train.control": False,
+        "sources": [{"name": "src_spm", "path": str(tiny_models["spm"]), "dtype": "float32"}]}))
+    first = run_pipeline(cfg, log=lambda *a: None, report=False)
+    assert set(first.values()) == {"ran"} and len(first) == 6, first
+    prepare._FP_CACHE.clear()  # as in a new process
+    again = run_pipeline(load_config(tmp_path / "config.yaml"), log=lambda *a: None, report=False)
+    assert again == dict.fromkeys(first, "skipped")
+
+
+def _nonblank(text: str) -> int:
+    return sum(map(len, text.split()))
+
+
+def test_text_dropped_by_min_block_chars_is_counted_per_domain(make_config, tiny_corpus):
+    """Issue 26.5: pieces shorter than `prepare.min_block_chars` were dropped without a count. The
+    manifest now says, per domain, how many non-blank characters were read and dropped (kept +
+    dropped = read), and the log says it. Here the toy corpus loses a short CJK sentence at the end
+    of two prose documents (1.2% of the domain): counted, under the limit, accepted."""
+    cfg = load_config(make_config({"prepare.block_size": 40}))
+    lines: list[str] = []
+    manifest = run_prepare(cfg, log=lines.append)
+    from lmfuse.prepare import load_blocks
+
+    ds = load_blocks(cfg)
+    docs = [json.loads(line) for line in tiny_corpus.read_text().splitlines()]
+    dropped = manifest["dropped_per_domain"]
+    assert set(dropped) == {"code", "legal", "prose"}
+    for dom, d in dropped.items():
+        read = sum(_nonblank(r["text"]) for r in docs if r["domain"] == dom)
+        kept = sum(_nonblank(t) for t, dd in zip(ds["text"], ds["domain"], strict=True) if dd == dom)
+        assert d["chars"] == read and d["dropped_chars"] == read - kept, dom
+        assert d["dropped_fraction"] == pytest.approx(d["dropped_chars"] / read, abs=1e-6)
+    assert dropped["prose"]["dropped_chars"] > 0 and dropped["prose"]["dropped_blocks"] >= 1
+    assert dropped["prose"]["dropped_fraction"] < 0.02 and dropped["code"]["dropped_chars"] == 0
+    log = "\n".join(lines)
+    assert f"{dropped['prose']['dropped_chars']:,} of {dropped['prose']['chars']:,} characters dropped" in log, log
+
+
+LONG_WORDS = "Supercalifragilisticexpialidocious antidisestablishmentarianism pneumonoultramicroscopic. " * 8
+
+
+def test_a_block_size_too_small_for_the_words_is_refused_with_the_loss(make_config, tmp_path):
+    """Issue 26.5: with a `block_size` shorter than a long word, most of each document fell into
+    pieces shorter than `min_block_chars` and was silently dropped. Now refused before anything is
+    written, naming the domain, the share lost and the fix, and the fix works."""
+    from lmfuse.prepare import MAX_DROPPED_FRACTION
+
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"domain": d, "text": t}) + "\n" for d, t in
+                              [("words", LONG_WORDS), ("words", LONG_WORDS[::-1]), ("plain", "Hello world! " * 40),
+                               ("plain", "Hello world! The quick brown fox jumps over the lazy dog.\n" * 10)]))
+    over = {"corpus.path": str(corpus), "prepare.block_size": 16}
+    cfg = load_config(make_config(over))
+    with pytest.raises(LmfuseError, match=r"would drop .*% of the text of domain\(s\) words \(words: ") as e:
+        run_prepare(cfg, log=lambda *a: None)
+    msg = str(e.value)
+    assert "plain" not in msg  # under the limit: not named
+    assert f"more than the {MAX_DROPPED_FRACTION:.0%} of a domain" in msg
+    assert "raise prepare.block_size" in msg and "lower prepare.min_block_chars" in msg
+    assert not (cfg.run_dir / "prepare" / "manifest.json").exists()
+    # Following the fix: min_block_chars 1 keeps every non-blank character; a larger block_size keeps
+    # all but a tail under the limit.
+    for fix, out in [({"prepare.min_block_chars": 1}, "keep"), ({"prepare.block_size": 48}, "larger")]:
+        cfg = load_config(make_config({**over, **fix, "output_dir": str(tmp_path / out)}, name=f"{out}.yaml"))
+        man = run_prepare(cfg, log=lambda *a: None)
+        assert all(d["dropped_fraction"] <= MAX_DROPPED_FRACTION for d in man["dropped_per_domain"].values()), fix
+        if out == "keep":
+            assert all(d["dropped_chars"] == 0 for d in man["dropped_per_domain"].values())
+
+
+def test_the_prepare_key_of_an_existing_config_is_unchanged(make_config):
+    """Existing runs keep their blocks: the count of dropped text (manifest, log) and the refusal
+    leave prepare's key the hash of what it was before."""
+    from lmfuse.fingerprint import model_fingerprint
+    from lmfuse.graph import Graph
+    from lmfuse.hashing import hash_obj
+    from lmfuse.prepare import corpus_fingerprint
+
+    cfg = load_config(make_config())
+    old = hash_obj(["prepare", cfg.corpus.model_dump(exclude={"path", "domains"}), cfg.prepare.model_dump(),
+                    corpus_fingerprint(Path(cfg.corpus.path)),
+                    [[m.path, m.revision, model_fingerprint(m, tokenizer_only=True)] for m in cfg.models]])
+    assert Graph(cfg)["prepare"].stage.config_hash() == old
+    # A new prepare option must leave this hash alone at its default (as `corpus.domains` does when unset).
+    assert set(cfg.prepare.model_dump()) == {"block_size", "validation_fraction", "min_validation_blocks",
+                                             "max_blocks_per_domain", "min_block_chars", "seed"}
+
+
+SPECIAL_STRINGS = "<s> </s> <|endoftext|> <|im_start|>"
+
+
+def _with_im_start(kind: str):
+    """A tiny tokenizer with `<|im_start|>` added as a special token (as chat models have it)."""
+    from lmfuse.testing import build_tokenizer
+
+    tok = build_tokenizer(kind)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    return tok
+
+
+def test_special_token_strings_in_the_text_are_counted_as_plain_text():
+    """Issue 26.8c: `<|endoftext|>` written in a document is text, not the tokenizer's control
+    token: blocks are measured with it split as plain text (`split_special_tokens`), as extract
+    stores it, so a block never holds a special id the tokenizer did not add itself."""
+    from lmfuse.models import encode_text
+    from lmfuse.prepare import count_tokens, split_document
+
+    toks = [_with_im_start(k) for k in ("bpe", "spm", "wordpiece")]
+    for tok in toks:
+        text = f"a {SPECIAL_STRINGS} b"
+        ids = encode_text(tok, [text])["input_ids"][0]
+        own = tok(["a b"], add_special_tokens=True)["input_ids"][0]  # what the tokenizer adds itself
+        specials = {tok.convert_tokens_to_ids(s) for s in SPECIAL_STRINGS.split() if s in tok.all_special_tokens}
+        assert specials  # every tokenizer here has one of them (and `<|im_start|>`)
+        assert [i for i in ids if i in specials] == [i for i in own if i in specials], tok.convert_ids_to_tokens(ids)
+        assert count_tokens([tok], [text])[0] == len(ids) > len(tok(text)["input_ids"])
+    doc = ("Chat log. " + SPECIAL_STRINGS + " " + "<|im_start|>user\nhello there</s>\n") * 12
+    blocks = split_document(doc, toks, 24)
+    assert "".join(blocks) == doc
+    for tok in toks:
+        assert max(len(encode_text(tok, [b])["input_ids"][0]) for b in blocks) <= 24
+
+
+def test_splitting_special_token_strings_leaves_ordinary_text_alone(tokenizers):
+    """Why the keys did not change: text without special-token strings tokenizes exactly as before
+    (ids and offsets), so existing blocks and extractions stay valid."""
+    from lmfuse.models import encode_text
+    from lmfuse.testing import TRAIN_TEXT
+
+    texts = [*TRAIN_TEXT, LONG, "<not special> [UNK ## ▁ Ġ <|endoftext| <s", ""]
+    for tok in [*tokenizers, _with_im_start("bpe")]:
+        before = tok(texts, add_special_tokens=True, return_offsets_mapping=True)
+        after = encode_text(tok, texts, return_offsets_mapping=True)
+        assert after["input_ids"] == before["input_ids"] and after["offset_mapping"] == before["offset_mapping"]
+        # The tokenizer object is left as it was (a reader of its backend sees no change).
+        assert not tok.backend_tokenizer.encode_special_tokens

@@ -147,7 +147,8 @@ def test_report_states_its_verdict_first(tmp_path):
     run = make_synthetic_run(tmp_path / "run")
     text = write_report(run).read_text()
     first = text.split("\n\n")[1]  # the paragraph after the title
-    assert first.startswith("**Verdict:** fused − control (λ = 1): **")
+    assert first.startswith("**Verdict:** did training help? ")  # then fused − control (issue 26.7)
+    assert "fused − control (λ = 1): **" in first
     assert "fused − best source (gemma3)" in first and "95% CI" in first
     # The numbers are the paired bootstrap of the per-block figures, each model with its own bytes.
     res = json.loads((run / "eval" / "results.json").read_text())["models"]
@@ -182,7 +183,7 @@ def test_verdict_says_inside_the_noise_when_the_interval_holds_zero(tmp_path):
 def test_verdict_without_per_block_figures_gives_differences_without_intervals(tmp_path):
     run = make_synthetic_run(tmp_path / "run", per_block=False)  # results from an older lmfuse
     text = write_report(run).read_text()
-    assert "**Verdict:** fused − control (λ = 1): **" in text
+    assert "**Verdict:** did training help? " in text and "fused − control (λ = 1): **" in text
     assert "no confidence interval (rerun `lmfuse eval`" in text
 
 
@@ -301,7 +302,8 @@ def assert_layout(checks: dict, n_images: int) -> None:
     assert checks["scrollWidth"] <= width, "the page scrolls sideways"
     v = checks["verdict"]
     assert v and v["shown"] and v["box"]["width"] > 0 and v["box"]["height"] > 0
-    assert v["text"].startswith("Verdict: fused − control (λ = 1): ") and "95% CI" in v["text"]
+    assert v["text"].startswith("Verdict: did training help? ") and "95% CI" in v["text"]
+    assert "fused − control (λ = 1): " in v["text"]
     assert v["box"]["top"] < checks["firstH2"], "the verdict is not the first thing in the report"
     assert v["box"]["right"] <= width
     assert len(checks["images"]) == n_images
@@ -379,3 +381,79 @@ def test_a_non_finite_model_is_named_and_left_out(tmp_path):
     held = text.split("## Held-out results")[1].split("\n## ")[0]
     assert "| gemma3" not in held and "| smollm2 (target) |" in held
     assert "gemma3" not in text.split("## Held-out results")[0]  # nor does the verdict name it
+
+
+# -- did training help? (issue 26.7) ---------------------------------------------------------------
+def test_verdict_first_says_whether_training_helped(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    text = write_report(run).read_text()
+    first = text.split("\n\n")[1]
+    assert first.startswith("**Verdict:** did training help? fused − untrained target (smollm2): **")
+    res = json.loads((run / "eval" / "results.json").read_text())["models"]
+    t = res["smollm2"]["per_block"]
+    for label, name in (("fused", "fused"), ("clm", "control (λ = 1)")):
+        pb = res[label]["per_block"]
+        iv = paired_bootstrap(pb["nll"], t["nll"], pb["bytes"], b_nbytes=t["bytes"], n_boot=10_000, seed=0)
+        said = (f"{name} − untrained target (smollm2): **{iv.diff:+.4f} bits/byte** overall "
+                f"(95% CI {iv.lo:+.4f} to {iv.hi:+.4f}): better than the untrained target").replace("-", "−")
+        assert said in first, name
+    # Then the rest, as before.
+    assert first.index("untrained target") < first.index("fused − control (λ = 1): **")
+    assert "fused − best source (gemma3)" in first
+    # The table has the row too.
+    assert "| untrained target (smollm2) |" in text
+
+
+def _worse_than_the_target(run, by: float) -> None:
+    """Make the fused model and the control `by` bits/byte worse than the target on every block."""
+    p = run / "eval" / "results.json"
+    res = json.loads(p.read_text())
+    for label in ("fused", "clm"):
+        rec = res["models"][label]
+        pb = rec["per_block"]
+        pb["nll"] = [n + by * math.log(2) * b for n, b in zip(pb["nll"], pb["bytes"])]
+        rows = list(zip(pb["nll"], pb["tokens"], pb["bytes"]))
+        res["models"][label] = {**rec, **summarize(rows, pb["domain"])}
+    p.write_text(json.dumps(res))
+
+
+def test_verdict_says_when_training_made_the_target_worse_and_why(tmp_path):
+    """Issue 26.7: a target trained at too high a learning rate got worse than it was (0.74 → 1.04
+    bits/byte) and the verdict only said "fused − control: −0.0137, inside the noise"."""
+    run = make_synthetic_run(tmp_path / "run")
+    _worse_than_the_target(run, 0.3)
+    (run / "config.yaml").write_text("target: {name: smollm2}\ntrain: {learning_rate: 0.001}\n")
+    for name, (start, end) in (("fused", (1.9, 2.6)), ("clm", (1.9, 1.8))):
+        man = run / "train" / name / "manifest.json"
+        m = json.loads(man.read_text())
+        m["metrics"] = {"initial_eval_loss": start, "final_eval_loss": end, "eval_loss_rose": end > start}
+        man.write_text(json.dumps(m))
+    text = write_report(run).read_text()
+    first = text.split("\n\n")[1]
+    assert "fused − untrained target (smollm2): **+0.2" in first
+    assert "worse than the untrained target: training made it worse" in first
+    # The fused run's validation loss rose, the control's did not: only the fused one is flagged.
+    assert ("The fused model's validation loss ended above where it started (step 0: 1.9000 → end: 2.6000 "
+            "nats/token)") in first
+    assert "control's validation loss ended above" not in first
+    assert "learning rate (0.001) is likely too high for this target" in first
+    assert "lower `train.learning_rate` (try 10× lower, 0.0001)" in first
+    assert first.index("untrained target") < first.index("fused − control (λ = 1): **")
+    # The training table gives the step-0 validation loss next to the last one.
+    assert "| fused | 200 | 200 |" in text and "| 1.9000 |" in text
+
+
+def test_clm_only_verdict_flags_a_validation_loss_that_rose(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    p = run / "eval" / "results.json"
+    res = json.loads(p.read_text())
+    res["models"] = {k: v for k, v in res["models"].items() if v["kind"] in ("target", "clm")}
+    p.write_text(json.dumps(res))
+    shutil.rmtree(run / "train" / "fused")
+    man = run / "train" / "clm" / "manifest.json"
+    m = json.loads(man.read_text())
+    m["metrics"] = {"initial_eval_loss": 1.5, "final_eval_loss": 1.7, "eval_loss_rose": True}
+    man.write_text(json.dumps(m))
+    first = write_report(run).read_text().split("\n\n")[1]
+    assert "a run without sources" in first
+    assert "validation loss ended above where it started (step 0: 1.5000 → end: 1.7000" in first

@@ -236,6 +236,8 @@ def test_keep_best_saves_the_lowest_validation_loss_weights(tmp_path, target_dir
     man = run_train(cfg)
     out = run / "train" / "fused"
     evals = {r["step"]: r["eval_loss"] for r in _log(out) if "eval_loss" in r}
+    assert min(evals) == 0  # the untrained target's validation loss, which is never a best step
+    evals.pop(0)
     best_step = min(evals, key=evals.get)
     assert man["metrics"]["best_step"] == best_step
     assert man["metrics"]["best_eval_loss"] == pytest.approx(evals[best_step])
@@ -259,7 +261,7 @@ def test_end_to_end_loss_decreases_and_model_loads(tmp_path, target_dir):
     log = _log(out)
     train = [r for r in log if "loss" in r]
     evals = [r for r in log if "eval_loss" in r]
-    assert len(train) == 12 and [r["step"] for r in evals] == [4, 8, 12]
+    assert len(train) == 12 and [r["step"] for r in evals] == [0, 4, 8, 12]  # step 0: before training
     assert train[-1]["loss"] < train[0]["loss"] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert all(r["fusion"] > 0 for r in train)
     assert man["metrics"]["steps"] == 12 and (out / "README.md").read_text().count("avgCE") >= 1
@@ -658,3 +660,113 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change(tmp_path, ta
     monkeypatch.setattr(tr, "fused_clm_loss", real)
     man = run_train(cfg)
     assert man["metrics"]["steps"] == 4 and np.isfinite(man["metrics"]["final_train_loss"])
+
+
+# -- validation before the first step (issue 26.7) -------------------------------------------------
+VALIDATED = {"max_steps": 6, "eval_every": 2, "keep_best": True, "save_every": 2}
+
+
+def test_validation_before_the_first_step_is_logged_and_changes_nothing(tmp_path, target_dir):
+    plain = write_synthetic_run(tmp_path / "plain", target_dir)
+    man_plain = run_train(make_cfg(plain, target_dir, max_steps=6))
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    man = run_train(make_cfg(run, target_dir, **VALIDATED))
+    out = run / "train" / "fused"
+    # The same weights, bit for bit, and the same training losses: measuring step 0 changes nothing.
+    a, b = _weights(plain / "train" / "fused"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r for r in _log(plain / "train" / "fused") if "loss" in r] == [r for r in _log(out) if "loss" in r]
+    # Step 0 is the first line of the log and is in the manifest; it never counts as the best step.
+    log = _log(out)
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6] and log[0] == evals[0]
+    metrics = man["metrics"]
+    assert metrics["initial_eval_loss"] == evals[0]["eval_loss"] and metrics["best_step"] > 0
+    assert metrics["final_eval_loss"] < metrics["initial_eval_loss"] and metrics["eval_loss_rose"] is False
+    assert not [r for r in log if "warning" in r]
+    # A run that does not validate during training measures no step 0.
+    assert man_plain["metrics"]["initial_eval_loss"] is None and man_plain["metrics"]["eval_loss_rose"] is None
+    assert [r["step"] for r in _log(plain / "train" / "fused") if "eval_loss" in r] == [6]
+
+
+def _kill_at_the_checkpoint_of_step_4(mp):
+    import lmfuse.train as tr
+
+    save = tr.save_checkpoint
+
+    def save_then_die(acc, path, step, extra):
+        ckpt = save(acc, path, step, extra)
+        if step == 4:
+            raise Killed
+        return ckpt
+
+    mp.setattr(tr, "save_checkpoint", save_then_die)
+
+
+def _kill_inside_the_first_checkpoint(mp):
+    import lmfuse.checkpoint as ck
+
+    records = ck._file_records
+
+    def die(directory):  # no checkpoint checks out: the rerun starts from step 0 again
+        if directory.name == ".tmp-step-00000002":
+            raise Killed
+        return records(directory)
+
+    mp.setattr(ck, "_file_records", die)
+
+
+@pytest.mark.parametrize("kill,evals_in_rerun", [(_kill_at_the_checkpoint_of_step_4, 1),
+                                                 (_kill_inside_the_first_checkpoint, 4)],
+                         ids=["after-step-4", "inside-the-first-checkpoint"])
+def test_a_resumed_run_measures_step_0_once(tmp_path, target_dir, monkeypatch, kill, evals_in_rerun):
+    import lmfuse.train as tr
+
+    ref = write_synthetic_run(tmp_path / "ref", target_dir)
+    man_ref = run_train(make_cfg(ref, target_dir, **VALIDATED))
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    cfg = make_cfg(run, target_dir, **VALIDATED)
+    with monkeypatch.context() as mp:
+        kill(mp)
+        with pytest.raises(Killed):
+            run_train(cfg)
+    real, calls = tr.evaluate_loss, []
+    monkeypatch.setattr(tr, "evaluate_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    man = run_train(cfg)
+    # Resumed from step 4: only step 6 is validated again; from step 0: steps 0, 2, 4 and 6.
+    assert len(calls) == evals_in_rerun
+    out = run / "train" / "fused"
+    _same_log(_log(ref / "train" / "fused"), _log(out))
+    assert [r["step"] for r in _log(out) if "eval_loss" in r] == [0, 2, 4, 6]
+    _same_weights(_weights(ref / "train" / "fused"), _weights(out))
+    for k in ("initial_eval_loss", "final_eval_loss", "best_step", "eval_loss_rose"):
+        assert man["metrics"][k] == pytest.approx(man_ref["metrics"][k], abs=1e-6), k
+
+
+def test_a_validation_loss_that_ends_above_its_start_is_flagged(tmp_path, target_dir, capsys):
+    """Issue 26.7: a target trained at too high a learning rate ended worse than it started, and
+    nothing said so."""
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    man = run_train(make_cfg(run, target_dir, max_steps=8, eval_every=4, learning_rate=0.3), control=True)
+    m = man["metrics"]
+    assert m["final_eval_loss"] > m["initial_eval_loss"] and m["eval_loss_rose"] is True
+    out = run / "train" / "clm"
+    [warning] = [r for r in _log(out) if "warning" in r]
+    assert warning["step"] == 8 and warning["initial_eval_loss"] == m["initial_eval_loss"]
+    assert warning["final_eval_loss"] == m["final_eval_loss"]
+    assert "learning rate" in warning["warning"] and "train.learning_rate" in warning["warning"]
+    printed = capsys.readouterr().out
+    assert "validation loss ended above its step-0 value" in printed and "10× lower" in printed
+    assert "validation loss ended above its step-0 value" in (out / "README.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="float16 autocast runs on a GPU")
+def test_float16_without_a_gpu_says_it_trains_in_float32(tmp_path, target_dir, capsys):
+    """Issue 26.8: `train.precision: float16` on a CPU trained in float32 without a word."""
+    run = write_synthetic_run(tmp_path / "run", target_dir)
+    man = run_train(make_cfg(run, target_dir, max_steps=2, precision="float16"))
+    assert man["metrics"]["precision_used"] == "float32"
+    assert "float16 autocast needs a GPU" in capsys.readouterr().out
+    assert "| precision_used | float32 |" in (run / "train" / "fused" / "README.md").read_text()
+    other = write_synthetic_run(tmp_path / "other", target_dir)
+    assert run_train(make_cfg(other, target_dir, max_steps=2))["metrics"]["precision_used"] == "float32"

@@ -15,7 +15,10 @@ distribution it takes (or -1):
   takes it. Banded and compiled with numba; with a band covering the whole matrix it returns
   exactly what the paper's reference code (a Python double loop) returns, ties included.
 
-The source's top-k ids are then mapped into the target vocabulary (`map_topk`).
+The source's top-k ids are then mapped into the target vocabulary (`map_topk`). A stored id
+the source tokenizer does not know (a padded output id of a model wider than its tokenizer,
+in an extraction made before `extract` left them out) is mass on no token: it is dropped like
+an id the vocab map leaves unmapped, and counted (`padded_mass`, `padded_candidates`).
 """
 
 from __future__ import annotations
@@ -224,6 +227,8 @@ def align_dtw(tgt_texts: list[str], src_texts: list[str], band: int = 64) -> np.
 # -- mapping distributions ----------------------------------------------------------------------
 # What happened to a stored source entry at an aligned position (`map_topk`'s `branch` output).
 KEPT, TO_GOLD, DROPPED_PREFIX, UNMAPPED_ENTRY = 0, 1, 2, 3
+# Columns of `map_topk`'s stats for stored ids past the source tokenizer: their mass, their count.
+PADDED_STAT, PADDED_COUNT = 5, 6
 
 
 @njit(cache=True, nogil=True)
@@ -260,10 +265,16 @@ def _map_kernel(src_ids, src_lp, src_index, vmap, gold, rule, unk_id,
         for r in range(src_ids.shape[1]):
             sid = src_ids[s, r]
             lp = src_lp[s, r]
-            if sid < 0 or sid >= V or not np.isfinite(lp):
+            if sid < 0 or not np.isfinite(lp):
                 continue
             p = np.exp(lp)
             stats[t, 0] += p  # source mass stored
+            if sid >= V:
+                # An id the source tokenizer does not know (a padded output row) stands for no text:
+                # mass on no token, dropped like an unmapped id (it stays outside the stored ids).
+                stats[t, 5] += p
+                stats[t, 6] += 1
+                continue
             tid = vmap[sid]
             # Mapped to a token the target would not write here: a proper, non-empty prefix of the
             # gold token's text (the target tokenizer wrote the longer gold token for this text).
@@ -359,7 +370,10 @@ def map_topk(src_ids: np.ndarray, src_logprobs: np.ndarray, src_index: np.ndarra
     """Source distributions, taken at the aligned positions and mapped into the target vocabulary.
 
     Unmapped ids are dropped; ids that map to the same target id are merged by log-sum-exp;
-    rows are sorted by log-prob (descending, then id) and padded with -1 / -inf.
+    rows are sorted by log-prob (descending, then id) and padded with -1 / -inf. Ids past the
+    vocab map (padded output ids the source tokenizer does not know) stand for no text: they are
+    dropped like unmapped ids (their mass is not renormalised onto the others: it stays outside
+    the stored ids, where `train.outside_topk` decides what it becomes) and counted.
 
     With `rule="consistent"` (needs `text_ctx`), a stored source token whose bytes agree with
     the text that follows (up to the block's end) goes to the gold target token, whatever it
@@ -371,16 +385,17 @@ def map_topk(src_ids: np.ndarray, src_logprobs: np.ndarray, src_index: np.ndarra
         src_ids: int [S, k] source ids (-1 = padding).
         src_logprobs: float16/float32 [S, k] their log-probs.
         src_index: int [T] source position for each target position, -1 = none.
-        vocab_map: int32 [V_src] source id -> target id, -1 = unmapped.
+        vocab_map: int32 [V_src] source id -> target id, -1 = unmapped; ids >= V_src are padded.
         rule: "map" or "consistent".
         text_ctx: the block's bytes and token bytes (needed by "consistent" and the diagnostics).
         unk_id: the source's unknown-token id (-1 = none).
 
     Returns:
-        (ids int32 [T, k], logprobs float16 [T, k], stats float64 [T, 5]): rows with
+        (ids int32 [T, k], logprobs float16 [T, k], stats float64 [T, 7]): rows with
         `src_index` -1 are all padding; stats per position = source mass stored, mass mapped,
         mass mapped to a token the target would not write there (a proper prefix of the gold
-        token; 0 without `text_ctx`), mass moved to the gold token, mass dropped by the rule.
+        token; 0 without `text_ctx`), mass moved to the gold token, mass dropped by the rule,
+        mass and number of stored ids past the vocab map (`PADDED_STAT`, `PADDED_COUNT`).
     """
     if rule not in ("map", "consistent"):
         raise LmfuseError(f"unknown token rule {rule!r}", where="align.token_rule", fix="use 'map' or 'consistent'")
@@ -393,7 +408,7 @@ def map_topk(src_ids: np.ndarray, src_logprobs: np.ndarray, src_index: np.ndarra
     T = len(src_index)
     out_ids = np.full((T, k), -1, dtype=np.int64)
     out_lp = np.full((T, k), -np.inf, dtype=np.float64)
-    stats = np.zeros((T, 5), dtype=np.float64)
+    stats = np.zeros((T, 7), dtype=np.float64)
     if k and T:
         c = text_ctx
         empty_u8, zero_off = np.zeros(0, np.uint8), np.zeros(1, np.int64)
@@ -409,19 +424,22 @@ def map_topk(src_ids: np.ndarray, src_logprobs: np.ndarray, src_index: np.ndarra
 
 # -- per-position source quality ----------------------------------------------------------------
 def span_nll(tgt_end: np.ndarray, src_end: np.ndarray, src_token_ce: np.ndarray,
-             src_unk: np.ndarray | None = None) -> np.ndarray:
+             src_unk: np.ndarray | None = None, src_added: np.ndarray | None = None) -> np.ndarray:
     """NLL the source gives to the text of each next target token.
 
     `span_nll[i]` sums the source's NLL of the source tokens whose end offset lies in
     `(tgt_end[i], tgt_end[i+1]]`. Source token m's NLL is `src_token_ce[m-1]`; the source's
     first token is never scored, and an unknown token's NLL scores text the source never
-    predicted, so a span that contains either is NaN.
+    predicted, so a span that contains either is NaN. A special token the source's tokenizer
+    added (an EOS after the text) is no text: its NLL counts in no span.
 
     Args:
         tgt_end: int [T] target end offsets (non-decreasing).
         src_end: int [S] source end offsets (non-decreasing).
         src_token_ce: float [S-1] source per-token CE.
         src_unk: bool [S], the source's unknown tokens (None = none).
+        src_added: bool [S], the special tokens the source's tokenizer added (`added_special`;
+            None = none).
 
     Returns:
         float32 [T-1].
@@ -433,6 +451,8 @@ def span_nll(tgt_end: np.ndarray, src_end: np.ndarray, src_token_ce: np.ndarray,
         return np.zeros(0, dtype=np.float32)
     nll = np.zeros(len(src_end), dtype=np.float64)
     nll[1:] = np.asarray(src_token_ce, dtype=np.float64)[: max(len(src_end) - 1, 0)]
+    if src_added is not None:
+        nll[np.asarray(src_added, dtype=bool)] = 0.0  # not text: predicting it is no NLL of the text
     cum = np.concatenate([[0.0], np.cumsum(nll)])
     lo = np.searchsorted(src_end, tgt_end[:-1], side="right")
     hi = np.searchsorted(src_end, tgt_end[1:], side="right")
@@ -462,11 +482,12 @@ def span_exact(tgt_end: np.ndarray, src_bound: np.ndarray) -> np.ndarray:
 
 
 def sequence_quality(text: str, end: np.ndarray, token_ce: np.ndarray,
-                     unk: np.ndarray | None = None) -> tuple[float, int]:
+                     unk: np.ndarray | None = None, added: np.ndarray | None = None) -> tuple[float, int]:
     """A model's code length of a block, charging the text hidden in unknown tokens.
 
     Tokens 1..S-1 are scored (token 0 has no context), each covering the text from the
-    previous token's end to its own. An unknown token (`[UNK]`, one id for text it cannot
+    previous token's end to its own; a special token the tokenizer added (an EOS after the
+    text) is not text and is not scored. An unknown token (`[UNK]`, one id for text it cannot
     spell) hides its bytes: its NLL says how likely *some* unknown text was, not this text.
     Dividing by the predicted bytes only would still compare models over different bytes, so
     every byte an unknown token covers is charged ln 256 nats (8 bits, the cost of spelling it
@@ -478,6 +499,7 @@ def sequence_quality(text: str, end: np.ndarray, token_ce: np.ndarray,
         end: int [S] character end offsets of the tokens (non-decreasing).
         token_ce: float [S-1] NLL of tokens 1..S-1.
         unk: bool [S] unknown tokens, or None.
+        added: bool [S] special tokens the tokenizer added (`added_special`), or None.
 
     Returns:
         (nll_sum in nats, scored_bytes = UTF-8 bytes of `text[end[0]:]`).
@@ -485,6 +507,8 @@ def sequence_quality(text: str, end: np.ndarray, token_ce: np.ndarray,
     ce = np.asarray(token_ce, dtype=np.float64)
     end = np.asarray(end, dtype=np.int64)
     nbytes = len(text[int(end[0]):].encode("utf-8", errors="surrogatepass")) if len(end) else 0
+    if added is not None and np.any(added[1:]):
+        ce = ce[~np.asarray(added[1:len(ce) + 1], dtype=bool)]
     nll = float(ce.sum())
     if unk is not None and len(end) > 1 and np.any(unk[1:]):
         b = char_byte_offsets(text)
@@ -493,18 +517,23 @@ def sequence_quality(text: str, end: np.ndarray, token_ce: np.ndarray,
     return nll, nbytes
 
 
-def aligned_token_ce(src_index: np.ndarray, src_token_ce: np.ndarray) -> np.ndarray:
-    """The source's CE at the aligned source position of each target position (NaN if none).
+def aligned_token_ce(src_index: np.ndarray, src_token_ce: np.ndarray,
+                     src_added: np.ndarray | None = None) -> np.ndarray:
+    """The source's CE at the aligned source position of each target position (NaN if none, or
+    where the source's next token is one its tokenizer added: predicting it is no text).
 
     Args:
         src_index: int [T] source index per target position, -1 = none.
         src_token_ce: float [S-1].
+        src_added: bool [S], the special tokens the source's tokenizer added (None = none).
 
     Returns:
         float32 [T-1].
     """
     idx = np.asarray(src_index, dtype=np.int64)[:-1]
     ce = np.asarray(src_token_ce, dtype=np.float32)
+    if src_added is not None and np.any(src_added[1:]):
+        ce = np.where(np.asarray(src_added[1:len(ce) + 1], dtype=bool), np.float32(np.nan), ce)
     ok = (idx >= 0) & (idx < len(ce))
     out = np.full(len(idx), np.nan, dtype=np.float32)
     out[ok] = ce[idx[ok]]
@@ -533,6 +562,9 @@ class AlignContext:
             tokenization diagnostics); None = not available.
         src_empty: bool [V_src], source ids that stand for no text (special tokens): one of them
             covering text is an unknown token.
+        src_special, tgt_special: bool [V], each tokenizer's special ids (`TokenTable.special`):
+            one of them covering no text was added by the tokenizer (`added_special`); None =
+            none are told apart (no special token is left out of the scores).
     """
 
     tgt_texts: list[str] | None = None
@@ -542,6 +574,8 @@ class AlignContext:
     src_bytes: tuple[np.ndarray, np.ndarray] | None = None
     tgt_bytes: tuple[np.ndarray, np.ndarray] | None = None
     src_empty: np.ndarray | None = None
+    src_special: np.ndarray | None = None
+    tgt_special: np.ndarray | None = None
 
 
 AlignFn = Callable[[BlockTokens, BlockTokens, AlignContext], np.ndarray]
@@ -577,8 +611,35 @@ def unknown_tokens(tokens: BlockTokens, empty: np.ndarray | None) -> np.ndarray:
     return ok & empty[np.clip(ids, 0, len(empty) - 1)] & (np.asarray(tokens.end) > np.asarray(tokens.start))
 
 
+def added_special(tokens: BlockTokens, special: np.ndarray | None) -> np.ndarray:
+    """bool [S]: the special tokens the tokenizer added (BOS, an EOS after the text, ...).
+
+    Found from the stored ids and offsets, with no extra column: corpus text is encoded with
+    its special-token strings split (`models.encode_text`), so a special id in a block was added
+    by the tokenizer, and `extract.encode_blocks` gives it the zero-width offsets `(e, e)`. A
+    special id that covers text is an unknown token (`unknown_tokens`), not an added one.
+
+    Args:
+        tokens: one model's tokens of a block.
+        special: bool [V], the tokenizer's special ids; None = none are told apart (all False).
+    """
+    if special is None:
+        return np.zeros(len(tokens.ids), dtype=bool)
+    ids = np.asarray(tokens.ids, dtype=np.int64)
+    ok = (ids >= 0) & (ids < len(special))
+    return ok & special[np.clip(ids, 0, len(special) - 1)] & (np.asarray(tokens.end) <= np.asarray(tokens.start))
+
+
 STAT_KEYS = ("positions", "aligned", "mass_source", "mass_mapped", "mass_exact", "mass_stored", "mass_not_target_token",
-             "mass_to_gold", "mass_dropped", "gold_positions", "gold_in_stored", "next_end_same")
+             "mass_to_gold", "mass_dropped", "gold_positions", "gold_in_stored", "next_end_same", "mass_padded",
+             "padded_candidates", "digit_positions", "mass_mapped_digit", "mass_not_target_token_digit")
+# Above this share of not-target mass at digit positions (with `map`), align's log suggests `consistent`;
+# a pair whose tokenizers split digits alike measures 0 (experiments/numerals: Gemma-3 -> SmolLM2).
+NUMERAL_WARN = 0.25
+# A digit position: an aligned position whose gold next target token holds an ASCII digit. Where the
+# target packs digits ("2024" one token) and a source writes them one at a time, `map` puts the
+# source's mass on a digit prefix of the gold token there (measured: experiments/numerals).
+DIGITS = frozenset("0123456789")
 
 
 def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: np.ndarray,
@@ -587,7 +648,9 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
     """Align one block: everything `align/<source>` stores for it except block-level scalars.
 
     A target position whose aligned source position predicts an unknown token is not aligned
-    (the source never predicted that text).
+    (the source never predicted that text). A special token a tokenizer added (`added_special`:
+    an EOS after the text) is no text: the source's adds nothing to any span and its prediction
+    is no `token_ce`; at a target position whose next token is the target's, `span_nll` is NaN.
 
     Args:
         method: A name in `METHODS`.
@@ -607,9 +670,10 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
         `span_exact` uint8 [T-1], and `stats`: sums over the block for `STAT_KEYS` (masses are
         summed probabilities at aligned positions: stored by the source, mapped by the vocab
         map, mapped exactly, stored after the token rule, mapped onto a token the target would
-        not write there, moved to the gold token, dropped by the rule; counts of aligned
-        positions with a gold next token, of those whose gold token is stored, and of those
-        whose next source token ends where the target's does).
+        not write there, moved to the gold token, dropped by the rule, on ids past the source
+        tokenizer; counts of aligned positions with a gold next token, of those whose gold token
+        is stored, of those whose next source token ends where the target's does, and of stored
+        ids past the source tokenizer).
     """
     idx = np.asarray(METHODS.get(method)(tgt, src, ctx), dtype=np.int64).copy()
     S = len(src.ids)
@@ -629,31 +693,56 @@ def align_block(method: str, tgt: BlockTokens, src: BlockTokens, src_topk_ids: n
     rows = idx[al]
     src_p = np.exp(np.asarray(src_topk_logprobs, dtype=np.float64)[rows])
     ids_rows = np.asarray(src_topk_ids)[rows]
-    exact_p = src_p[(ids_rows >= 0) & exact[np.clip(ids_rows, 0, None)]] if exact is not None else src_p[:0]
-    sp = span_nll(tgt.end, src.end, src_token_ce, unk)
+    exact_p = src_p[:0]
+    if exact is not None:  # ids past the source tokenizer (padded) are never exact
+        known = (ids_rows >= 0) & (ids_rows < len(exact))
+        exact_p = src_p[known][exact[ids_rows[known]]]
+    src_added = added_special(src, ctx.src_special)
+    sp = span_nll(tgt.end, src.end, src_token_ce, unk, src_added)
+    # A target token its tokenizer added (an EOS after the text) is no text: no source scored it,
+    # so it has no span NLL (not 0, which would say the source was sure of it).
+    sp[added_special(tgt, ctx.tgt_special)[1:]] = np.nan
     src_bound = boundary_ends(src.start, src.end)
     exact_span = span_exact(boundary_ends(tgt.start, tgt.end), src_bound) & np.isfinite(sp)
     with_gold = al & (gold >= 0)
+    digit = with_gold & _gold_has_digit(tgt, text)
     stats = dict.fromkeys(STAT_KEYS, 0.0)
     stats.update(
         positions=len(tgt.ids), aligned=int(al.sum()), mass_source=float(st[:, 0].sum()),
         mass_mapped=float(st[:, 1].sum()), mass_exact=float(np.nansum(exact_p)),
         mass_stored=float(np.exp(lps[al].astype(np.float64)).sum()), mass_not_target_token=float(st[:, 2].sum()),
         mass_to_gold=float(st[:, 3].sum()), mass_dropped=float(st[:, 4].sum()),
+        mass_padded=float(st[:, PADDED_STAT].sum()), padded_candidates=int(st[:, PADDED_COUNT].sum()),
         gold_positions=int(with_gold.sum()),
         gold_in_stored=int((ids[with_gold] == gold[with_gold][:, None]).any(-1).sum()),
         next_end_same=int(exact_span[with_gold[:-1]].sum()),
+        digit_positions=int(digit.sum()), mass_mapped_digit=float(st[digit, 1].sum()),
+        mass_not_target_token_digit=float(st[digit, 2].sum()),
     )
     return {
         "src_index": idx,
         "aligned": al.astype(np.uint8),
         "topk_ids": ids,
         "topk_logprobs": lps,
-        "token_ce": aligned_token_ce(idx, src_token_ce),
+        "token_ce": aligned_token_ce(idx, src_token_ce, src_added),
         "span_nll": sp,
         "span_exact": exact_span.astype(np.uint8),
         "stats": stats,
     }
+
+
+def _gold_has_digit(tgt: BlockTokens, text: str | None) -> np.ndarray:
+    """bool [T]: whether the next target token's text holds an ASCII digit (all False without the text)."""
+    T = len(tgt.ids)
+    out = np.zeros(T, dtype=bool)
+    if not text or T < 2:
+        return out
+    is_digit = np.fromiter((c in DIGITS for c in text), dtype=bool, count=len(text))
+    cum = np.concatenate([[0], np.cumsum(is_digit)])
+    start = np.clip(np.asarray(tgt.start, dtype=np.int64)[1:], 0, len(text))
+    end = np.clip(np.asarray(tgt.end, dtype=np.int64)[1:], 0, len(text))
+    out[:-1] = cum[np.maximum(end, start)] > cum[start]
+    return out
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -707,8 +796,10 @@ def align_shard(method: str, block_ids: list[int], texts: list[str], tgt_rows: l
         topk_ids, topk_lp = dist_arrays(sb, S)
         ce = np.asarray(sb["token_ce"], np.float32)
         res = align_block(method, tgt, src, topk_ids, topk_lp, ce, vocab_map, ctx, exact, texts[r])
-        # Quality per byte of the whole block, the text hidden in unknown tokens charged 8 bits a byte.
-        nll, nbytes = sequence_quality(texts[r], src.end, ce, unknown_tokens(src, ctx.src_empty))
+        # Quality per byte of the whole block, the text hidden in unknown tokens charged 8 bits a byte,
+        # the prediction of a token the tokenizer added (EOS) left out.
+        nll, nbytes = sequence_quality(texts[r], src.end, ce, unknown_tokens(src, ctx.src_empty),
+                                       added_special(src, ctx.src_special))
         cols["block_id"].append(int(bid))
         for c in ("aligned", "token_ce", "span_nll", "span_exact"):
             cols[c].append(res[c])
@@ -745,7 +836,13 @@ def diagnostics(st: dict) -> dict[str, float]:
       write there (a proper prefix of the gold token's text), before the token rule;
     - `to_gold_mass`, `dropped_mass`: the shares of the stored source mass the `consistent`
       rule moved to the gold token or dropped;
-    - `gold_in_stored`: aligned positions whose gold token has mass in the stored distribution.
+    - `gold_in_stored`: aligned positions whose gold token has mass in the stored distribution;
+    - `padded_mass`: the share of the stored source mass on ids the source tokenizer does not
+      know (padded output ids; dropped like unmapped ids), `padded_candidates`: how many such
+      stored entries there were at aligned positions (a count, not a share);
+    - `digit_positions`: the share of aligned positions with a gold next token whose gold token
+      holds a digit; `digit_not_target_token_mass`: `not_target_token_mass` at those positions
+      alone (high when the target packs digits the source writes one at a time).
     """
     src = st.get("mass_source", 0.0)
 
@@ -761,6 +858,11 @@ def diagnostics(st: dict) -> dict[str, float]:
         "to_gold_mass": share(st.get("mass_to_gold", 0.0), src),
         "dropped_mass": share(st.get("mass_dropped", 0.0), src),
         "gold_in_stored": share(st.get("gold_in_stored", 0), st.get("gold_positions", 0)),
+        "padded_mass": share(st.get("mass_padded", 0.0), src),
+        "padded_candidates": int(st.get("padded_candidates", 0)),
+        "digit_positions": share(st.get("digit_positions", 0), st.get("gold_positions", 0)),
+        "digit_not_target_token_mass": share(st.get("mass_not_target_token_digit", 0.0),
+                                             st.get("mass_mapped_digit", 0.0)),
     }
 
 
@@ -794,7 +896,8 @@ def read_shard_rows(path) -> list[dict]:
 def check_ids(rows: list[dict], vocab_size: int, where: str, name: str) -> None:
     """Refuse input ids outside the tokenizer's vocabulary (a damaged or foreign extraction):
     they would index past the vocab map and the token tables. (Stored distribution ids may reach
-    past the tokenizer, up to the model's output size; the alignment skips those.)
+    past the tokenizer, up to the model's output size, in extractions made before `extract` left
+    padded ids out; `map_topk` drops and counts those.)
 
     Args:
         rows: blocks of one extraction shard (`read_shard_rows`).
@@ -837,7 +940,8 @@ def align_context(cfg, source_name: str) -> AlignContext:
     texts = cfg.align.method in METHODS_NEEDING_TEXTS
     return AlignContext(tgt_table.texts if texts else None, src_table.texts if texts else None, cfg.align.dtw_band,
                         cfg.align.token_rule, flat_bytes(src_table.bytes), flat_bytes(tgt_table.bytes),
-                        np.array([len(b) == 0 for b in src_table.bytes], dtype=bool))
+                        np.array([len(b) == 0 for b in src_table.bytes], dtype=bool), src_table.special,
+                        tgt_table.special)
 
 
 def _fmt_share(x: float) -> str:
@@ -917,6 +1021,8 @@ class AlignStage(Stage):
             target_positions=int(total.get("positions", 0)),
             aligned_positions=int(total.get("aligned", 0)), aligned_fraction=diag["aligned_fraction"],
             mapped_mass_fraction=diag["mapped_mass"], exact_mass_fraction=diag["exact_mass"],
+            padded_mass_fraction=diag["padded_mass"], padded_candidates=diag["padded_candidates"],
+            source_padded_mass=src_man.get("padded_mass"), source_vocab_size=src_man.get("vocab_size"),
             aligned_fraction_per_domain={d: v["aligned_fraction"] for d, v in diag_dom.items()},
             diagnostics=diag, diagnostics_per_domain=diag_dom, align_seconds=round(time.time() - b.state["t0"], 3),
         )
@@ -927,9 +1033,25 @@ class AlignStage(Stage):
               f"{self.cfg.align.token_rule}): {_fmt_share(diag['aligned_fraction'])} of target positions aligned "
               f"-> {b.art.path}")
         b.log(f"  {'domain':<14} {'aligned':>8} {'next end':>9} {'mapped':>7} {'exact':>6} {'not-tgt':>8} "
-              f"{'to gold':>8} {'dropped':>8} {'gold in':>8}")
+              f"{'to gold':>8} {'dropped':>8} {'gold in':>8} {'padded':>7} {'digits':>7} {'not-tgt@digit':>13}")
         for name, d in [*diag_dom.items(), ("all", diag)]:
             b.log(f"  {name:<14} " + " ".join(f"{_fmt_share(d[key]):>{w}}" for key, w in (
                 ("aligned_fraction", 8), ("next_end_same", 9), ("mapped_mass", 7), ("exact_mass", 6),
-                ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8))))
+                ("not_target_token_mass", 8), ("to_gold_mass", 8), ("dropped_mass", 8), ("gold_in_stored", 8),
+                ("padded_mass", 7), ("digit_positions", 7), ("digit_not_target_token_mass", 13))))
+        dm, dp = diag.get("digit_not_target_token_mass"), diag.get("digit_positions")
+        if self.cfg.align.token_rule == "map" and dm is not None and dm > NUMERAL_WARN and (dp or 0) > 0.01:
+            b.log(f"  numerals: at digit positions {_fmt_share(dm)} of the mapped mass of {self.source_name} is on "
+                  f"tokens {self.cfg.target.name} would not write there (a digit prefix of a multi-digit token): "
+                  "the target packs digits the source writes one at a time. `align.token_rule: consistent` puts "
+                  "that mass on the gold token (docs/alignment.md, \"Numerals\")")
+        said = []
+        if diag["padded_candidates"]:
+            said.append(f"{diag['padded_candidates']} stored candidates with {_fmt_share(diag['padded_mass'])} of "
+                        "the stored mass, dropped like unmapped ids")
+        if manifest.get("source_padded_mass"):
+            said.append(f"the extraction left out {_fmt_share(manifest['source_padded_mass'])} of the model's mass")
+        if said:
+            b.log(f"  padded output ids of {self.source_name} (past its {manifest.get('source_vocab_size') or '?'}-token "
+                  "tokenizer; they stand for no text): " + "; ".join(said))
 

@@ -205,8 +205,10 @@ def main() -> None:
     try:
         app()
     except LmfuseError as e:
+        from lmfuse.config import ConfigError
+
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, ConfigError) else 2)  # 1: a config that does not validate, as `validate` says
     except Exception as e:  # full disk, read-only or missing directory... met outside lmfuse's own writes
         inner = wrapped_os_error(e)  # an OSError, or one a Rust library wrapped
         if inner is None:

@@ -17,6 +17,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+class ConfigError(LmfuseError):
+    """A config that does not validate (`lmfuse validate` lists the same problems; the CLI exits 1)."""
+
+    def __init__(self, problems: list[str], where: str, subject: str = "the config",
+                 fix: str = "correct the fields named above (`lmfuse validate` lists them)"):
+        self.problems = list(problems)
+        super().__init__(f"{len(problems)} problem(s) in {subject}:\n" + "\n".join(f"  - {p}" for p in problems),
+                         where=where, fix=fix)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,7 +58,9 @@ class PrepareConfig(_Section):
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     min_validation_blocks: int = Field(1, ge=0, description="per domain")
     max_blocks_per_domain: int | None = Field(None, ge=1)
-    min_block_chars: int = Field(16, ge=1)
+    min_block_chars: int = Field(16, ge=1, description="blocks with fewer non-blank characters are dropped "
+                                                       "(counted per domain in prepare's manifest; prepare refuses "
+                                                       "to drop more than 2% of a domain's text)")
     seed: int = 0
 
 
@@ -240,12 +252,36 @@ def _path_problems(cfg: FuseConfig, base: Path) -> list[str]:
     corpus = _resolve(cfg.corpus.path, base)
     if not corpus.exists():
         problems.append(f"corpus.path: {cfg.corpus.path!r} does not exist")
+    elif corpus.is_dir():
+        problem = _output_in_corpus(cfg, corpus, _resolve(cfg.output_dir, base))
+        if problem:
+            problems.append(problem)
     for i, m in enumerate(cfg.models):
         loc = "target" if i == 0 else f"sources[{i - 1}]"
         p = model_path_problem(m, base)
         if p:
             problems.append(f"{loc}.path: {p}")
     return problems
+
+
+def _output_in_corpus(cfg: FuseConfig, corpus: Path, output_dir: Path) -> str | None:
+    """Why an `output_dir` inside a folder corpus is refused, or None.
+
+    The corpus's fingerprint (in prepare's key) covers every file under the folder, so the run's
+    own files would change it on every run and every stage would be rebuilt each time. Refused
+    rather than left out of the reading and the fingerprint: leaving out this run's directory
+    would not leave out the other runs of a sweep (and its shared store) placed there too, nor
+    another config's run, and text read from a folder that runs write into is open to mistakes.
+    """
+    try:
+        real, out = corpus.resolve(), output_dir.resolve()
+    except (OSError, RuntimeError, ValueError):  # a NUL or a symlink loop: the run directory says what is wrong
+        return None
+    if out != real and real not in out.parents:
+        return None
+    return (f"output_dir: {cfg.output_dir!r} is inside the corpus folder {cfg.corpus.path!r} ({real}): the run's "
+            "own files would change the corpus's fingerprint, so every run would rebuild every stage; put "
+            f"output_dir outside it, e.g. {real}-run")
 
 
 def _raw_path_problems(data: dict, base: Path) -> list[str]:
@@ -368,6 +404,5 @@ def load_config(path: str | Path) -> FuseConfig:
     """Load and fully validate a config; raise one error listing every problem."""
     cfg, problems = parse_config(read_yaml(path), Path(path).resolve().parent)
     if problems:
-        raise LmfuseError(f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems),
-                          where=str(path), fix="correct the fields named above (`lmfuse validate` lists them)")
+        raise ConfigError(problems, str(path))
     return cfg

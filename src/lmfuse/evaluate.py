@@ -4,7 +4,8 @@ Perplexity per token depends on the tokenizer (longer tokens, fewer and harder t
 with different tokenizers are compared by bits per byte: the summed NLL of a block divided by
 `ln 2` times the UTF-8 bytes of the text that NLL scores. The scored text follows the extract
 stage's convention (ARCHITECTURE.md, `nll_sum`/`scored_bytes`): the tokenizer's own special tokens
-are kept (BOS included), position 0 predicts token 1, so the scored text is `text[offset_end[0]:]`.
+are kept (BOS included), position 0 predicts token 1, so the scored text is `text[offset_end[0]:]`;
+only predictions of text count, not that of a special token the tokenizer appends (EOS).
 
 `block_nll` and `summarize` are pure; `run_eval` does the I/O and caches each model's result
 under `RUN/eval/cache/`, keyed by the model's fingerprint and the data's hash, so adding one
@@ -17,12 +18,19 @@ checksums (`best/` included) before anything reads them; each cache entry carrie
 of its own fields (`CACHE_HASH`), and one that does not match is scored again; and eval's
 manifest, written last, records the sha256 of `results.json`, `results.md` and every cache entry
 it used, so `lmfuse verify` and the report (`load_results`) find an edited figure.
+
+A broken model never stops the evaluation (`model_problem`): one whose NLL is NaN or infinite on
+some block is "not finite" (its figures are null in results.json), one whose mean NLL is above
+`MAX_MEAN_NLL` nats per token on some domain has "diverged" (its perplexity overflows: written ∞
+in the table, null in results.json). Its row says so, every other model is scored and written,
+and the report's verdict names it.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +59,11 @@ from lmfuse.stats import bits_per_byte
 CONTROL = "control (λ = 1)"  # how tables and plots name the `clm` model
 BEST = "@best"  # label suffix of a model at its best validation checkpoint (`train.keep_best`)
 CACHE_HASH = "record_sha256"  # a cache entry's checksum of its own other fields
+MAX_MEAN_NLL = math.log(sys.float_info.max)  # ≈ 709.78 nats/token: exp of a larger mean NLL overflows
+# What `block_nll` counts, named in every eval cache key: a cached figure scored under another rule
+# is never read. 2 = the predictions of text tokens only (issue 26: an EOS the tokenizer appends
+# counted before); the key of every model changed with it, so each is scored once again.
+SCORING_RULE = "text-predictions/2"
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -88,10 +101,13 @@ def scored_bytes(text: str, offsets: Sequence[tuple[int, int]], special: Sequenc
 
 def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, device: str | None = None,
               progress: bool | str = False) -> list[tuple[float, int, int]]:
-    """Summed next-token NLL of each text under a causal LM.
+    """Summed next-token NLL of the text of each block under a causal LM.
 
     Texts are tokenized with the tokenizer's own special tokens, batched longest first with right
-    padding and an attention mask, and scored in float32 whatever the model's dtype.
+    padding and an attention mask, and scored in float32 whatever the model's dtype. Only
+    predictions of text count (`SCORING_RULE`): the prediction of a special token the tokenizer
+    added (an EOS after the text) is left out of the NLL and the token count, so a model scores
+    the same whether or not its tokenizer appends one.
 
     Args:
         model: Causal LM already on `device`; `model(input_ids=[B, T], attention_mask=[B, T]).logits`
@@ -104,7 +120,9 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
 
     Returns:
         `N` tuples `(nll_sum, n_tokens, scored_bytes)` in the order of `texts`: NLL in nats summed
-        over the `T - 1` predicted tokens, `T - 1`, and the UTF-8 bytes of the scored text.
+        over the predictions of text tokens (of the `T - 1` predictions, those whose next token is
+        not a special token the tokenizer added), their number, and the UTF-8 bytes of the scored
+        text.
     """
     import torch
     from tqdm.auto import tqdm
@@ -113,8 +131,11 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
         raise LmfuseError(f"batch_size must be ≥ 1, got {batch_size}", fix="set eval.batch_size ≥ 1")
     if device is None:
         device = next(model.parameters()).device
-    enc = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True,
-                    return_special_tokens_mask=True)
+    from lmfuse.extract import text_predictions
+    from lmfuse.models import encode_text
+
+    # Special-token strings written in the text are text, as prepare and extract read them.
+    enc = encode_text(tokenizer, list(texts), return_offsets_mapping=True, return_special_tokens_mask=True)
     ids = enc["input_ids"]
     results: list[tuple[float, int, int] | None] = [None] * len(ids)
     for i, text in enumerate(texts):
@@ -138,7 +159,9 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
                 # One row at a time in float32: a [B, T, V] float32 copy is large at 262k vocabularies.
                 lp = torch.log_softmax(logits[r, :n - 1].float(), dim=-1)  # (T-1, V)
                 nll = -lp.gather(-1, input_ids[r, 1:n, None]).squeeze(-1)  # (T-1,)
-                results[i] = (float(nll.double().sum()), n - 1,
+                text = torch.from_numpy(text_predictions(enc["special_tokens_mask"][i])).to(nll.device)
+                nll = nll[text]  # an appended EOS is not text: its prediction does not count
+                results[i] = (float(nll.double().sum()), int(text.sum()),
                               scored_bytes(texts[i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]))
             del logits
             bar.update(len(batch))
@@ -146,10 +169,20 @@ def block_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, devic
     return results  # type: ignore[return-value]
 
 
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(nll / tokens); inf when that overflows (a diverged model), NaN without tokens."""
+    if not tokens:
+        return float("nan")
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return math.inf
+
+
 def _metrics(nll: float, tokens: int, nbytes: int, blocks: int) -> dict[str, float | int]:
     return {
         "bpb": bits_per_byte(nll, nbytes),
-        "ppl": math.exp(nll / tokens) if tokens else float("nan"),
+        "ppl": perplexity(nll, tokens),
         "nll": nll, "tokens": tokens, "bytes": nbytes, "blocks": blocks,
     }
 
@@ -178,6 +211,55 @@ def summarize(rows: Sequence[tuple[float, int, int]], domains: Sequence[str]) ->
         s[3] += 1
     total = [sum(s[j] for s in sums.values()) for j in range(4)]
     return {"domains": {d: _metrics(*sums[d]) for d in sorted(sums)}, "overall": _metrics(*total)}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _mean_nll(m: dict) -> float:
+    """Mean NLL per token of a summary (`overall` or a domain); NaN when it cannot be told."""
+    nll, tokens = m.get("nll"), m.get("tokens")
+    return nll / tokens if _finite(nll) and _finite(tokens) and tokens > 0 else math.nan
+
+
+def model_problem(rec: dict) -> tuple[str, str] | None:
+    """What is wrong with a model's eval record: None, or `(what, detail)`.
+
+    `what` is `not finite` (its NLL is NaN or infinite on some blocks: `non_finite`, or no finite
+    bits per byte) or `diverged` (finite, but a mean NLL above `MAX_MEAN_NLL` nats per token
+    overall or on some domain, so its perplexity is infinite). Records read back from
+    results.json (non-finite numbers are null there) and records in memory give the same answer.
+    """
+    o = rec.get("overall") or {}
+    if rec.get("non_finite") or not _finite(o.get("bpb")):
+        return "not finite", "its NLL is NaN or infinite on some held-out blocks"
+    # Overall first; else the domain with the highest mean NLL.
+    for group, m in [("overall", o), *sorted((rec.get("domains") or {}).items(), key=lambda g: -_mean_nll(g[1]))]:
+        mean = _mean_nll(m)
+        if math.isfinite(mean) and mean > MAX_MEAN_NLL:
+            where = "" if group == "overall" else f" on {group}"
+            return "diverged", f"a mean NLL of {mean:.4g} nats/token{where}, so its perplexity is infinite"
+    return None
+
+
+def problem_fix(kind: str | None) -> str:
+    """What to do about a broken model of a kind (the trained ones: a lower learning rate)."""
+    if kind in ("fused", "clm"):
+        return "lower train.learning_rate (try 10× lower) and train it again"
+    return "check the model's weights"
+
+
+def ppl_text(m: dict | None) -> str:
+    """A summary's perplexity for a table: `12.34`, `∞` when it overflows, `–` when there is none."""
+    if not m:
+        return "–"
+    ppl = m.get("ppl")
+    if _finite(ppl):
+        return f"{ppl:.2f}"
+    if ppl == math.inf or _mean_nll(m) > MAX_MEAN_NLL:  # inf in memory, null once written
+        return "∞"
+    return "–"
 
 
 # -- models to evaluate ------------------------------------------------------------------------
@@ -309,6 +391,14 @@ def load_eval_model(m: EvalModel, dtype: str | None, device: str) -> tuple[Any, 
 
 
 # -- the cache and the artifact ------------------------------------------------------------------
+def cache_key(m: EvalModel, data_hash: str, split: str, dtype: str | None, block_ids: Sequence[int]) -> str:
+    """The key of a model's cache entry: the scoring rule (`SCORING_RULE`), each of its models'
+    dtype and fingerprint (`model_fingerprint`), the data's hash, the split, `eval.dtype` and the
+    block ids."""
+    return hash_obj([SCORING_RULE, [[s.dtype, model_fingerprint(s)] for s in m.specs()], data_hash, split, dtype,
+                     list(block_ids)])
+
+
 def read_cached(path: Path) -> tuple[dict | None, str | None]:
     """A cache entry whose checksum of its own fields holds, or (None, why it cannot be used).
 
@@ -441,8 +531,7 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
     results: dict[str, Any] = {}
     used: list[Path] = []  # the cache entries behind the results, recorded in the manifest
     for m in entries:
-        key = hash_obj([[[s.dtype, model_fingerprint(s)] for s in m.specs()], data_hash, split, cfg.eval.dtype,
-                        [b["block_id"] for b in chosen]])
+        key = cache_key(m, data_hash, split, cfg.eval.dtype, [int(b["block_id"]) for b in chosen])
         cache = cache_dir / f"{safe_name(m.label)}-{key}.json"
         rec, why = (None, None) if overwrite else read_cached(cache)
         if why:
@@ -464,11 +553,15 @@ def run_eval(cfg: FuseConfig, models: Sequence[tuple[str, Any]] | None = None, o
         used.append(cache)
         rec = {k: v for k, v in rec.items() if k != CACHE_HASH}
         bpb = rec["overall"].get("bpb")
-        if rec.get("non_finite") or bpb is None:
+        took = "(cached)" if cached else f"({rec['seconds']:.1f} s)"
+        problem = model_problem(rec)
+        if problem and problem[0] == "not finite":
             log(f"  {m.label}: NOT FINITE: its NLL is NaN or infinite on some blocks (check the model's weights; "
                 "its figures are null in results.json)")
+        elif problem:
+            log(f"  {m.label}: {bpb:.4f} bits/byte, DIVERGED: {problem[1]} ({problem_fix(m.kind)}) {took}")
         else:
-            log(f"  {m.label}: {bpb:.4f} bits/byte " + ("(cached)" if cached else f"({rec['seconds']:.1f} s)"))
+            log(f"  {m.label}: {bpb:.4f} bits/byte {took}")
         results[m.label] = rec
 
     doc = {"split": split, "corpus": str(data_cfg.corpus.path), "data_hash": data_hash, "blocks": len(chosen),
@@ -499,9 +592,16 @@ def display_label(label: str, kind: str | None) -> str:
     return label
 
 
+def _cell(m: dict | None) -> str:
+    if not m:
+        return "–"
+    return f"{m['bpb']:.4f} ({ppl_text(m)})" if _finite(m.get("bpb")) else "not finite"
+
+
 def results_table(doc: dict) -> str:
     """A Markdown table: bits per byte per domain and overall (perplexity per token in brackets);
-    the best overall value in bold."""
+    the best overall value of the sound models in bold. A broken model (`model_problem`) keeps its
+    row, which says what is wrong with it, and a note under the table says what to do."""
     domains = doc["domains"]
     head = ["model", *domains, "overall"]
     lines = [
@@ -511,13 +611,18 @@ def results_table(doc: dict) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
     ]
-    best = min(rec["overall"]["bpb"] for rec in doc["models"].values())
+    problems = {label: model_problem(rec) for label, rec in doc["models"].items()}
+    best = min((rec["overall"]["bpb"] for label, rec in doc["models"].items() if problems[label] is None),
+               default=None)
+    notes = []
     for label, rec in doc["models"].items():
-        cells = [display_label(label, rec.get("kind"))]
-        for d in domains:
-            mm = rec["domains"].get(d)
-            cells.append(f"{mm['bpb']:.4f} ({mm['ppl']:.2f})" if mm else "–")
+        name = display_label(label, rec.get("kind"))
+        problem = problems[label]
+        cells = [f"{name}: {problem[0]}" if problem else name]
+        cells += [_cell(rec["domains"].get(d)) for d in domains]
         o = rec["overall"]
-        cells.append(f"**{o['bpb']:.4f}** ({o['ppl']:.2f})" if o["bpb"] == best else f"{o['bpb']:.4f} ({o['ppl']:.2f})")
+        cells.append(f"**{o['bpb']:.4f}** ({ppl_text(o)})" if problem is None and o["bpb"] == best else _cell(o))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        if problem:
+            notes.append(f"- {name}: {problem[0]}: {problem[1]}; {problem_fix(rec.get('kind'))}.")
+    return "\n".join(lines + ([""] + notes if notes else []))

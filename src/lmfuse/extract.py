@@ -12,6 +12,13 @@ Both use one CSR layout per block (`dist_len` entries per position, ids ascendin
 position); `dist_arrays` is the one reader. Shard i always holds the same blocks and the draws
 depend only on (seed, block, position), so a killed run resumes, and a data-parallel run
 (`accelerate launch`) writes the same bytes as one process.
+
+Only ids the tokenizer knows are stored. A model wider than its tokenizer (every Qwen model:
+151,936 output rows, 151,646 tokens) has padded output ids that stand for no text: `topk`
+takes the k most probable of the tokenizer's ids (the log-probs still cover every output id,
+so the padded ids' mass lies outside the stored ids, like the rest of the tail, for
+`train.outside_topk`); `sampled` draws from the softmax over the tokenizer's ids (a sampled
+distribution keeps no mass outside its ids). The mass on padded ids is reported (`padded_mass`).
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def extract_schema(distribution: str = "topk", ids: pa.DataType = pa.int32(),
 SCHEMA = extract_schema("topk")
 
 
-def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
+def topk_from_logits(logits, input_ids, k: int, chunk: int = 8, n_ids: int | None = None):
     """Top-k log-probabilities and gold-token cross-entropy from raw logits.
 
     The log-softmax is taken over the full vocabulary in fp32 (whatever the logits' dtype)
@@ -83,6 +90,8 @@ def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
         input_ids: [T] token ids of the sequence.
         k: how many entries to keep per position.
         chunk: positions per step.
+        n_ids: the top-k is taken among ids < n_ids only (the tokenizer's ids of a model whose
+            output is wider); the log-softmax still covers all V. None = all ids.
 
     Returns:
         topk_ids [T, k] int32, topk_logprobs [T, k] float32, token_ce [T-1] float32
@@ -92,7 +101,8 @@ def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
     import torch
 
     T = logits.shape[0]
-    k = min(k, logits.shape[-1])
+    n = logits.shape[-1] if n_ids is None else min(int(n_ids), logits.shape[-1])
+    k = min(k, n)
     dev = logits.device
     ids = torch.empty((T, k), dtype=torch.int32, device=dev)
     lps = torch.empty((T, k), dtype=torch.float32, device=dev)
@@ -102,7 +112,7 @@ def topk_from_logits(logits, input_ids, k: int, chunk: int = 8):
     for s in range(0, T, chunk):
         f = logits[s:s + chunk].float()  # (c, V)
         z = torch.logsumexp(f, dim=-1)
-        val, idx = torch.topk(f, k=k, dim=-1)
+        val, idx = torch.topk(f[:, :n], k=k, dim=-1)
         lse[s:s + chunk] = z
         ids[s:s + chunk] = idx.to(torch.int32)
         lps[s:s + chunk] = val - z[:, None]
@@ -128,7 +138,8 @@ def sampling_uniforms(seed: int, block_id: int, T: int, n: int) -> np.ndarray:
     return u
 
 
-def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, block: int = 64):
+def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, block: int = 64,
+                       n_ids: int | None = None):
     """Draw ids from the full softmax by inverse CDF; also the gold-token cross-entropy.
 
     Two-level inverse CDF, `chunk` positions at a time (a [T, V] fp32 copy never exists
@@ -149,6 +160,8 @@ def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, bl
         chunk: positions per step; default 16, or more for a small vocabulary (about 2^20
             logits per step) so that per-step overhead does not dominate.
         block: ids per block of the first level.
+        n_ids: draw only ids < n_ids (the tokenizer's ids of a model whose output is wider),
+            from the softmax over them; the log-partition still covers all V. None = all ids.
 
     Returns:
         draws [T, n] int64 (non-decreasing per row when the uniforms are), token_ce [T-1]
@@ -157,7 +170,8 @@ def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, bl
     """
     import torch
 
-    T, V = logits.shape
+    T, width = logits.shape
+    V = width if n_ids is None else min(int(n_ids), width)  # the ids that may be drawn
     chunk = chunk or max(16, (1 << 20) // max(V, 1))
     dev = logits.device
     u = torch.as_tensor(uniforms, dtype=torch.float64).to(dev)
@@ -173,13 +187,15 @@ def sample_from_logits(logits, input_ids, uniforms, chunk: int | None = None, bl
     for s in range(0, T, chunk):
         c = min(chunk, T - s)
         e = buf[:c, :V]
-        e.copy_(logits[s:s + c])
+        e.copy_(logits[s:s + c, :V])
         m = e.amax(dim=-1, keepdim=True)  # NaN propagates
         e.sub_(m).exp_()
         eb = buf[:c].view(c, nb, block)
         cdf = eb.sum(dim=-1).double().cumsum_(dim=-1)  # (c, nb) over blocks
         total = cdf[:, -1:]
         lse[s:s + c] = (m + total.log().float()).squeeze(-1)
+        if width > V:  # the ids that are never drawn still count in the log-partition
+            lse[s:s + c] = torch.logaddexp(lse[s:s + c], torch.logsumexp(logits[s:s + c, V:].float(), dim=-1))
         x = u[s:s + c] * total  # (c, n) float64
         # Rounding must not push a draw onto the total itself (that would fall past the last id).
         x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
@@ -287,10 +303,16 @@ def dist_arrays(row: dict, T: int) -> tuple[np.ndarray, np.ndarray]:
 def encode_blocks(tok, texts: list[str]) -> list[dict]:
     """Tokenize blocks with the tokenizer's own special tokens and normalized offsets.
 
-    Special tokens (BOS, ...) get the offset `(e, e)` of the text end before them, so
-    `offset_end` never decreases.
+    Special-token strings in the text (`<|endoftext|>`, ...) are split as plain text, never stored
+    as control ids. Special tokens the tokenizer adds (BOS, EOS, ...) get the offset `(e, e)` of
+    the text end before them, so `offset_end` never decreases; `special` says which they are
+    (the tokenizer's special-tokens mask, not stored: `align.added_special` finds them again from
+    the ids and offsets).
     """
-    enc = tok(texts, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+    from lmfuse.models import encode_text
+
+    # Special-token strings written in the text are text (`models.encode_text`), as `prepare` measured them.
+    enc = encode_text(tok, texts, return_offsets_mapping=True, return_special_tokens_mask=True)
     out = []
     for ids, offs, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
         starts, ends, e = [], [], 0
@@ -300,8 +322,88 @@ def encode_blocks(tok, texts: list[str]) -> list[dict]:
             starts.append(s)
             ends.append(t)
             e = max(e, t)
-        out.append({"input_ids": ids, "offset_start": starts, "offset_end": ends})
+        out.append({"input_ids": ids, "offset_start": starts, "offset_end": ends, "special": list(special)})
     return out
+
+
+def text_predictions(special) -> np.ndarray:
+    """bool [T-1]: which next-token predictions of a block predict text.
+
+    Prediction i predicts token i+1; it counts (in `nll_sum`, `seq_ce`, eval's bits per byte) only
+    when that token is text, not a special token the tokenizer added (EOS after the text, ...).
+    Corpus text is encoded with its special-token strings split (`models.encode_text`), so every
+    special token in a block's ids was added by the tokenizer.
+
+    Args:
+        special: [T] the tokenizer's special-tokens mask of the block (1 = added special token).
+    """
+    return np.asarray(special, dtype=bool)[1:] == 0
+
+
+def appends_special_token(tok) -> bool:
+    """Whether the tokenizer adds a special token after the text (EOS, SEP, ...).
+
+    Only for such a tokenizer does counting text predictions only (`text_predictions`) change
+    what `extract` stores, so only its extraction key names the rule (`ExtractStage.config_hash`).
+    """
+    from lmfuse.models import encode_text
+
+    mask = encode_text(tok, ["a"], return_special_tokens_mask=True)["special_tokens_mask"][0]
+    return len(mask) > 0 and bool(mask[-1])
+
+
+# Named in the extraction key of a model whose tokenizer adds a special token after the text: its
+# `nll_sum` and `seq_ce` count text predictions only (issue 26); extractions made before count the
+# prediction of that token too and must not be reused. Other models' keys do not change.
+TEXT_ONLY_RULE = "nll over text predictions only"
+_APPENDS: dict[str, bool] = {}
+
+
+def tokenizer_appends_special(spec) -> bool:
+    """`appends_special_token` of a model entry's tokenizer, probed once per tokenizer.
+
+    Keys are computed by every command, and loading a large tokenizer takes seconds (Gemma-3's:
+    about 5 s on 2 CPU cores), so the answer is remembered by the content fingerprint of the
+    tokenizer's files and the `transformers`/`tokenizers` versions: in memory, and for local
+    files under `$LMFUSE_HOME/tokenizer_probes/` (a hub id has no local files to fingerprint: in
+    memory only). A tokenizer that cannot be loaded (a hub model offline, a path that is gone)
+    counts as one that does not append: no extraction can be made then, and the model's
+    fingerprint changed anyway.
+    """
+    import os
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from lmfuse.hashing import cache_home
+
+    local = spec.path.startswith("pull:") or Path(spec.path).expanduser().exists()
+    key = hash_obj(["appends special", model_fingerprint(spec, tokenizer_only=True), spec.trust_remote_code,
+                    version("transformers"), version("tokenizers")] + ([] if local else [spec.path, spec.revision]))
+    if key in _APPENDS:
+        return _APPENDS[key]
+    entry = cache_home() / "tokenizer_probes" / f"{key}.txt"
+    if local:
+        try:
+            _APPENDS[key] = {"1": True, "0": False}[entry.read_text().strip()]
+            return _APPENDS[key]
+        except (OSError, KeyError):
+            pass
+    from lmfuse.models import load_tokenizer
+
+    try:
+        found = appends_special_token(load_tokenizer(spec))
+    except Exception:  # noqa: BLE001 (see the docstring)
+        return False
+    _APPENDS[key] = found
+    if local:
+        try:  # it only saves time: a cache that cannot be written is skipped
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text("1\n" if found else "0\n")
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return found
 
 
 def list_array(rows: list[np.ndarray], typ) -> pa.Array:
@@ -311,7 +413,7 @@ def list_array(rows: list[np.ndarray], typ) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
 
 
-STAT_KEYS = ("positions", "gold_positions", "mass", "gold_in", "entries")
+STAT_KEYS = ("positions", "gold_positions", "mass", "gold_in", "entries", "padded_mass")
 
 
 def _add_stats(acc: dict, other: dict) -> None:
@@ -321,9 +423,11 @@ def _add_stats(acc: dict, other: dict) -> None:
 
 
 def summarize_stats(st: dict) -> dict:
-    """Summed per-position diagnostics -> means: mass kept, share of gold tokens stored, entries."""
+    """Summed per-position diagnostics -> means: mass kept, share of gold tokens stored, entries,
+    mass on padded output ids (past the tokenizer; never stored)."""
     return {
         "mass_kept": round(st.get("mass", 0.0) / max(st.get("positions", 0), 1), 6),
+        "padded_mass": round(st.get("padded_mass", 0.0) / max(st.get("positions", 0), 1), 6),
         "gold_in_stored_fraction": round(st.get("gold_in", 0) / max(st.get("gold_positions", 0), 1), 6),
         "entries_per_position": round(st.get("entries", 0) / max(st.get("positions", 0), 1), 3),
         "positions": int(st.get("positions", 0)),
@@ -331,18 +435,23 @@ def summarize_stats(st: dict) -> dict:
 
 
 def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev: str, model_name: str = "model",
-                  on_tokens=None, domains: list[str] | None = None) -> tuple[pa.Table, dict]:
+                  on_tokens=None, domains: list[str] | None = None, n_ids: int | None = None) -> tuple[pa.Table, dict]:
     """Extract one shard of blocks; rows in the order of `block_ids`.
 
     Args:
         opts: the `ExtractConfig` (distribution, top_k / samples and seed, batch_size).
         domains: each block's domain, for the per-domain diagnostics.
+        n_ids: only ids < n_ids are stored; default `len(tok)`: a model's padded output ids
+            (past its tokenizer) stand for no text (module docstring).
+
+    `token_ce` holds the CE of every next token; `nll_sum` and `seq_ce` (the block's sum and mean)
+    count the predictions of text only (`text_predictions`: not of an EOS the tokenizer appended).
 
     Returns:
         The shard's table (`extract_schema`) and its diagnostics: sums over positions of the
-        stored probability mass, gold tokens among the stored ids and entries (`STAT_KEYS`),
-        the largest entry count, and the same per domain under `domains`, plus `nll_sum` and
-        `scored_bytes`.
+        stored probability mass, gold tokens among the stored ids, entries and the mass on
+        padded ids (`STAT_KEYS`), the largest entry count, and the same per domain under
+        `domains`, plus `nll_sum` and `scored_bytes`.
     """
     import torch
 
@@ -350,6 +459,8 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
     encs = encode_blocks(tok, texts)
     results: dict[int, dict] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n_tok = len(tok)
+    n_ids = n_tok if n_ids is None else n_ids
     vocab = 0
     for idx, lens, ids, mask in padded_batches([e["input_ids"] for e in encs], opts.batch_size, pad):
         with torch.inference_mode():
@@ -359,9 +470,9 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
             lg, seq = logits[r, : lens[r]], ids[r, : lens[r]]
             if sampled:
                 u = sampling_uniforms(opts.seed, int(block_ids[i]), lens[r], opts.samples)
-                stored, ce, lse = sample_from_logits(lg, seq, u)
+                stored, ce, lse = sample_from_logits(lg, seq, u, n_ids=n_ids)
             else:
-                stored, lps, ce, lse = topk_from_logits(lg, seq, opts.top_k)
+                stored, lps, ce, lse = topk_from_logits(lg, seq, opts.top_k, n_ids=n_ids)
             if not torch.isfinite(lse).all():
                 bad = int((~torch.isfinite(lse)).nonzero()[0])
                 raise LmfuseError(f"non-finite logits (NaN/inf) at token position {bad}",
@@ -369,6 +480,9 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
                                   fix="run this model in float32 (dtype: float32) or check its weights")
             gold = torch.cat([seq[1:], seq.new_full((1,), -1)]).to(lg.device)
             mass, gold_in, entries = position_diagnostics(lg, lse, stored, gold)
+            padded = 0.0
+            if vocab > n_tok:  # the model's mass on its padded output ids
+                padded = float(torch.exp(torch.logsumexp(lg[:, n_tok:].float(), dim=-1) - lse).double().sum())
             if sampled:
                 n, dist_ids, counts = count_draws(stored.cpu().numpy())
                 values = counts
@@ -379,13 +493,17 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
                 values = lps.gather(-1, perm).cpu().numpy().astype(np.float16).reshape(-1)
             ce = ce.cpu().numpy().astype(np.float32)
             e0 = encs[i]["offset_end"][0]
+            # The model's NLL of the text: predictions of tokens the tokenizer added (EOS) left out;
+            # token_ce keeps every position's true CE.
+            text_ce = ce[text_predictions(encs[i]["special"])]
             results[i] = {
                 "dist_len": n, "dist_ids": dist_ids, "values": values, "token_ce": ce,
-                "nll_sum": float(ce.astype(np.float64).sum()),
+                "nll_sum": float(text_ce.astype(np.float64).sum()),
+                "seq_ce": text_ce.mean() if len(text_ce) else 0.0,
                 "scored_bytes": len(texts[i][e0:].encode("utf-8")),
                 "stats": {"positions": lens[r], "gold_positions": lens[r] - 1,
                           "mass": float(mass.double().sum()), "gold_in": int(gold_in.sum()),
-                          "entries": int(entries.sum()), "max_entries": int(n.max())},
+                          "entries": int(entries.sum()), "max_entries": int(n.max()), "padded_mass": padded},
             }
         if on_tokens:
             on_tokens(sum(lens))
@@ -401,8 +519,7 @@ def extract_shard(model, tok, block_ids: list[int], texts: list[str], opts, dev:
         "dist_ids": list_array([results[i]["dist_ids"] for i in rows], schema.field("dist_ids").type.value_type),
         value_col: list_array([results[i]["values"] for i in rows], schema.field(value_col).type.value_type),
         "token_ce": list_array([results[i]["token_ce"] for i in rows], pa.float32()),
-        "seq_ce": pa.array([results[i]["token_ce"].mean() if len(results[i]["token_ce"]) else 0.0 for i in rows],
-                           pa.float32()),
+        "seq_ce": pa.array([results[i]["seq_ce"] for i in rows], pa.float32()),
         "nll_sum": pa.array([results[i]["nll_sum"] for i in rows], pa.float64()),
         "scored_bytes": pa.array([results[i]["scored_bytes"] for i in rows], pa.int64()),
     }
@@ -420,7 +537,9 @@ class ExtractStage(Stage):
     """`extract/<model>`: one model's next-token distributions over every prepared block.
 
     Its hash covers the model entry, the contents of the model's weight, config and tokenizer
-    files (new weights at the same path rerun it) and the extract options; its input is
+    files (new weights at the same path rerun it), the extract options and, for a tokenizer that
+    adds a special token after the text, `TEXT_ONLY_RULE` (its `nll_sum`/`seq_ce` leave that
+    token's prediction out since issue 26; every other model's key is as before); its input is
     `prepare`. Shard i holds blocks [i*shard_size, (i+1)*shard_size), whatever the number of
     processes; each shard's diagnostics are kept beside it and summed in the manifest.
     """
@@ -438,8 +557,11 @@ class ExtractStage(Stage):
         return {"prepare": "prepare"}
 
     def config_hash(self) -> str:
-        return hash_obj(["extract", self.spec.model_dump(exclude={"name"}), model_fingerprint(self.spec),
-                         self.cfg.extract.model_dump()])
+        parts = ["extract", self.spec.model_dump(exclude={"name"}), model_fingerprint(self.spec),
+                 self.cfg.extract.model_dump()]
+        if tokenizer_appends_special(self.spec):  # only its nll_sum/seq_ce changed (issue 26)
+            parts.append(TEXT_ONLY_RULE)
+        return hash_obj(parts)
 
     def derived_keys(self, key: str, input_keys: dict[str, str]) -> dict[str, str]:
         """`tokens`: the key of the token ids (and the model) behind this extraction.
@@ -512,7 +634,8 @@ class ExtractStage(Stage):
             tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
             tokens_per_second=round(st["n_tok"] / elapsed, 1) if st["n_tok"] else None,
             mean_nll_per_byte=float(nll_sum / max(scored_bytes, 1)),
-            mass_kept=diag["mass_kept"], gold_in_stored_fraction=diag["gold_in_stored_fraction"],
+            mass_kept=diag["mass_kept"], padded_mass=diag["padded_mass"],
+            gold_in_stored_fraction=diag["gold_in_stored_fraction"],
             entries_per_position=diag["entries_per_position"],
             diagnostics_per_domain={d: summarize_stats(s) for d, s in sorted(domains.items())},
         )
@@ -524,6 +647,10 @@ class ExtractStage(Stage):
               f"{manifest['bytes_per_token']} bytes on disk per token, {manifest['entries_per_position']} "
               f"entries/position keeping {manifest['mass_kept']:.1%} of the probability mass, gold token stored at "
               f"{manifest['gold_in_stored_fraction']:.1%} of positions -> {b.art.path}")
+        if manifest.get("padded_mass"):
+            how = "draws come from the tokenizer's ids" if opts.distribution == "sampled" else "it lies outside the top-k"
+            b.log(f"  {manifest['padded_mass']:.1%} of the mass is on padded output ids past the tokenizer's "
+                  f"{manifest['vocab_size']} ids: they stand for no text and are never stored ({how})")
         b.log("  per domain (mass kept, gold stored, entries/position): " + json.dumps(
             {d: [s["mass_kept"], s["gold_in_stored_fraction"], s["entries_per_position"]]
              for d, s in manifest["diagnostics_per_domain"].items()}))

@@ -44,11 +44,13 @@ class FusionOptions:
 
     Args:
         temperature: Teacher temperature applied to the candidates' log-probs.
-        outside_topk: what happens to a candidate's mass outside its stored ids:
+        outside_topk: what happens to a candidate's mass outside its stored ids (the tail
+            past a top-k, and what align dropped: ids the vocab map leaves unmapped, padded
+            output ids that stand for no text):
             "renormalize" (stored probs rescaled to sum to 1, as the paper), "gold" (it goes to
             the gold next token) or "rest" (it stays a separate bucket, matched in the loss by
-            the student's mass outside the stored ids). A sampled distribution has no mass
-            outside its ids, so the three agree on it.
+            the student's mass outside the stored ids). A sampled distribution keeps no tail,
+            so on it the three differ only in what align dropped.
         avgce_weighting: "softmax_exp_neg" (reference code: softmax over exp(−quality)) or
             "softmax_neg" (softmax over −quality).
     """

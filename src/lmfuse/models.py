@@ -307,6 +307,29 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tok
 
 
+def encode_text(tok: Any, texts: list[str], **kwargs: Any) -> Any:
+    """Tokenize corpus text: the tokenizer's own special tokens added, special-token *strings in the
+    text* (`<s>`, `</s>`, `<|endoftext|>`, `<|im_start|>`, ...) split as plain text.
+
+    Without `split_special_tokens`, a document that writes `<|endoftext|>` would hold the model's
+    EOS id mid-block, and a target trained on it would learn to stop there. Text without such
+    strings tokenizes exactly as without the option (ids and offsets). Every place that tokenizes
+    corpus text (prepare's block sizes, extract's stored ids; eval's scoring too) must use this.
+    The tokenizer's backend flag is put back afterwards, so other users of the object see no change.
+
+    Args:
+        tok: A fast (HF) tokenizer.
+        texts: The texts.
+        **kwargs: Passed on (`return_offsets_mapping`, `return_special_tokens_mask`, ...).
+    """
+    backend = tok.backend_tokenizer
+    before = backend.encode_special_tokens
+    try:
+        return tok(texts, add_special_tokens=True, split_special_tokens=True, **kwargs)
+    finally:
+        backend.encode_special_tokens = before
+
+
 def load_model(spec: ModelSpec, dtype: str | None = None, device: str | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM

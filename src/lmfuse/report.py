@@ -1,8 +1,10 @@
 """The run report: `RUN/report/report.md` and a self-contained `report.html` with PNG plots.
 
-The report opens with its verdict: fused − control (λ = 1) and fused − best source in bits per
-byte, overall and per domain, each with a 95% paired bootstrap confidence interval over the
-held-out blocks (`lmfuse.compare` on the per-block figures `lmfuse eval` keeps).
+The report opens with its verdict: which trained model diverged (if any), whether training helped
+at all (fused − untrained target, control − untrained target), whose validation loss ended above its
+step-0 value (with the likely cause and the fix), then fused − control (λ = 1) and fused − best
+source in bits per byte, overall and per domain, each with a 95% paired bootstrap confidence
+interval over the held-out blocks (`lmfuse.compare` on the per-block figures `lmfuse eval` keeps).
 
 Everything is read from the run directory (eval results, training logs, alignment and vocab-map
 manifests, every manifest's `seconds`); parts that are missing are reported as "not run" rather
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,15 @@ from lmfuse.compare import (
 )
 from lmfuse.compare import compare as compare_records
 from lmfuse.document import Document
-from lmfuse.evaluate import BEST, CONTROL, display_label, load_results
+from lmfuse.evaluate import (
+    BEST,
+    CONTROL,
+    display_label,
+    load_results,
+    model_problem,
+    ppl_text,
+    problem_fix,
+)
 from lmfuse.stats import Interval
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -151,94 +162,229 @@ def _words(iv: Interval, b: str | None = None, paired: bool = True) -> str:
     return f"the fused model is {'better' if better else 'worse'} than {b}"
 
 
-def _clm_only_verdict(results: dict, n_boot: int, seed: int) -> tuple[list[str], list[str], list[list[str]]] | None:
+@dataclass
+class Training:
+    """What the verdict reads of the trained models beside their eval records.
+
+    Attributes:
+        broken: `{label: (kind, what, detail)}` of the models left out of every comparison
+            (`lmfuse.evaluate.model_problem`: `not finite` or `diverged`).
+        metrics: `{"fused" | "clm": the metrics of train/<kind>/manifest.json}`.
+        learning_rate: `train.learning_rate` of the run (from its config.yaml), when known.
+    """
+
+    broken: dict[str, tuple[str | None, str, str]] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    learning_rate: float | None = None
+
+
+def _final(models: dict, kind: str) -> str | None:
+    """The model of a kind at the end of training: never a `@best` checkpoint standing in for a
+    final model that was left out (diverged)."""
+    label = first_of_kind(models, kind)
+    return None if label is None or label.endswith(BEST) else label
+
+
+def _trained_name(label: str) -> str:
+    if label == "fused":
+        return "the fused model"
+    if label == "clm":
+        return f"the {CONTROL}"
+    return f"`{label}`"
+
+
+def _lower_lr(lr: float | None) -> str:
+    return f"lower `train.learning_rate` (try 10× lower{f', {lr / 10:g}' if lr else ''})"
+
+
+def _alarms(training: Training, kinds: tuple[str, ...]) -> list[str]:
+    """Sentences for trained models that diverged (left out of every comparison)."""
+    out = []
+    for label, (kind, _, detail) in training.broken.items():
+        if kind not in kinds:
+            continue
+        out.append(f"{_trained_name(label)} diverged ({detail}), so it is left out of every "
+                   f"comparison; {_lower_lr(training.learning_rate)} and train it again")
+    return out
+
+
+def _rose(training: Training, kinds: tuple[str, ...], names: dict[str, str]) -> list[str]:
+    """Sentences for trained models whose validation loss ended above its step-0 value."""
+    out = []
+    lr = training.learning_rate
+    for kind in kinds:
+        m = training.metrics.get(kind) or {}
+        start, end = m.get("initial_eval_loss"), m.get("final_eval_loss")
+        rose = m.get("eval_loss_rose")
+        if rose is None and _num(start) and _num(end):
+            rose = end > start
+        if not rose or not (_num(start) and _num(end)):
+            continue
+        out.append(f"{names[kind]}'s validation loss ended above where it started (step 0: {start:.4f} → end: "
+                   f"{end:.4f} nats/token): the learning rate{f' ({lr:g})' if lr else ''} is likely too high for "
+                   f"this target; {_lower_lr(lr)} and compare the step-0 and final validation losses again")
+    return out
+
+
+def _helped_words(iv: Interval, paired: bool) -> str:
+    """Plain words for an interval of trained − untrained target."""
+    said = outcome(iv.lo, iv.hi)
+    if said == "none":
+        return _words(iv, None, paired)
+    return {"better": "better than the untrained target",
+            "worse": "worse than the untrained target: training made it worse",
+            "noise": "inside the noise: no measurable change from the untrained target"}[said]
+
+
+def _helped(results: dict, trained: list[tuple[str, str]], target: str | None, n_boot: int, seed: int,
+            why: str, paired: bool) -> list[str]:
+    """`name − untrained target` sentences, one per trained model (label, name in a sentence)."""
+    if target is None:
+        return []
+    out = []
+    for label, name in trained:
+        o = compare(results, label, target, n_boot, seed).get(OVERALL)
+        if o is not None:
+            out.append(f"{name} {MINUS} untrained target ({target}): **{signed(o.diff)} bits/byte** overall "
+                       f"({_ci(o, why)}): {_helped_words(o, paired)}")
+    return out
+
+
+def _sentences(*groups: list[str]) -> str:
+    """Groups of clauses as sentences: clauses joined by "; ", each group one sentence, the first
+    letter of each but the first capitalised (the first follows "**Verdict:** ")."""
+    out = []
+    for g in groups:
+        if g:
+            text = "; ".join(g) + "."
+            out.append(text if not out else text[0].upper() + text[1:])
+    return " ".join(out)
+
+
+def _clm_only_verdict(results: dict, n_boot: int, seed: int, training: Training
+                      ) -> tuple[list[str], list[str], list[list[str]]] | None:
     """A run without sources (a CLM-only run, e.g. a domain expert): the trained model − the target."""
     models = results["models"]
-    clm, target = first_of_kind(models, "clm"), first_of_kind(models, "target")
-    if clm is None or target is None or any(m.get("kind") == "source" for m in models.values()):
+    clm, target = _final(models, "clm"), first_of_kind(models, "target")
+    clm_broken = any(k == "clm" for k, _, _ in training.broken.values())
+    if (clm is None and not clm_broken) or any(m.get("kind") == "source" for m in models.values()):
         return None
+    if target is None and not clm_broken:
+        return None
+    head_text = "**Verdict:** a run without sources: the target continually trained with λ = 1 alone (no fusion). "
+    alarms = [a.replace(f"the {CONTROL}", "the trained model") for a in _alarms(training, ("clm",))]
+    rose = _rose(training, ("clm",), {"clm": "the trained model"})
+    if clm is None or target is None:
+        return [head_text + _sentences(alarms, rose)], [], []
     cells = compare(results, clm, target, n_boot, seed)
     o = cells.get(OVERALL)
     said = ("no interval" if o is None or not math.isfinite(o.lo)
             else {"better": "better than the target", "worse": "worse than the target",
                   "noise": "inside the noise"}[outcome(o.lo, o.hi)])
-    text = (f"**Verdict:** a run without sources: the target continually trained with λ = 1 alone (no fusion). "
-            f"Trained {MINUS} target ({target}): " + (f"**{signed(o.diff)} bits/byte** overall ({_ci(o)}): {said}."
-                                                      if o is not None else "not scored."))
+    text = (head_text + f"Trained {MINUS} target ({target}): " + (f"**{signed(o.diff)} bits/byte** overall ({_ci(o)}): "
+                                                                  f"{said}." if o is not None else "not scored."))
+    if alarms or rose:
+        more = _sentences(alarms, rose)
+        text += " " + more[0].upper() + more[1:]
     groups = [*results["domains"], OVERALL]
     head = [f"trained {MINUS} … [95%\u00a0CI]", *groups]
     return [text], head, [[f"target ({target})", *[cell(*cells[g]) if g in cells else "–" for g in groups]]]
 
 
-def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+def verdict(results: dict | None, n_boot: int = N_BOOT, seed: int = BOOT_SEED, training: Training | None = None
             ) -> tuple[list[str], list[str], list[list[str]]]:
     """The report's opening: paragraphs, and a table of every difference with its CI.
 
+    The first paragraph says, in this order: which trained model diverged (if any); whether
+    training helped at all (fused − untrained target and control − untrained target); whose
+    validation loss ended above its step-0 value, with the likely cause and the fix; then fused −
+    control and fused − best source (and both at their best checkpoints with `train.keep_best`).
+
     Args:
-        results: The `eval/results.json` object, or None when eval has not run.
+        results: The `eval/results.json` object without the broken models, or None when eval has
+            not run.
         n_boot: Bootstrap resamples per difference.
         seed: Bootstrap seed.
+        training: The broken models left out of `results`, the trained models' manifest metrics
+            and the learning rate.
 
     Returns:
         `(paragraphs, table head, table rows)`; the table is empty when there is nothing to compare.
     """
-    if not results or not results.get("models"):
+    training = training or Training()
+    if not results or (not results.get("models") and not training.broken):
         return ["**Verdict:** none yet: the models have not been evaluated (`lmfuse eval`)."], [], []
     models = results["models"]
-    fused = first_of_kind(models, "fused")
-    if fused is None:
-        return _clm_only_verdict(results, n_boot, seed) or (
+    fused = _final(models, "fused")
+    fused_broken = any(k == "fused" for k, _, _ in training.broken.values())
+    if fused is None and not fused_broken:
+        return _clm_only_verdict(results, n_boot, seed, training) or (
             ["**Verdict:** none yet: no fused model has been evaluated (`lmfuse train`, then `lmfuse eval`)."], [], [])
     comparisons = []  # (column name, name in a sentence, intervals)
-    control = first_of_kind(models, "clm")
-    if control is not None:
-        comparisons.append((display_label(control, "clm"), "the control",
-                            compare(results, fused, control, n_boot, seed)))
+    control = _final(models, "clm")
     source = best_source(models)
-    if source is not None:
-        comparisons.append((f"best source ({source})", source, compare(results, fused, source, n_boot, seed)))
-    if not comparisons:
-        return ["**Verdict:** none yet: neither the control nor a source was evaluated."], [], []
-    # With `train.keep_best`, also each model at its best validation checkpoint (the comparison that
-    # early stopping cannot explain away).
-    if f"{fused}{BEST}" in models and control is not None and f"{control}{BEST}" in models:
-        comparisons.append((f"{display_label(control, 'clm')}, both at their best checkpoints",
-                            "the control (both at their best validation checkpoints)",
-                            compare(results, f"{fused}{BEST}", f"{control}{BEST}", n_boot, seed)))
+    if fused is not None:
+        if control is not None:
+            comparisons.append((display_label(control, "clm"), "the control",
+                                compare(results, fused, control, n_boot, seed)))
+        if source is not None:
+            comparisons.append((f"best source ({source})", source, compare(results, fused, source, n_boot, seed)))
+        if not comparisons and not training.broken:
+            return ["**Verdict:** none yet: neither the control nor a source was evaluated."], [], []
+        # With `train.keep_best`, also each model at its best validation checkpoint (the comparison that
+        # early stopping cannot explain away).
+        if f"{fused}{BEST}" in models and control is not None and f"{control}{BEST}" in models:
+            comparisons.append((f"{display_label(control, 'clm')}, both at their best checkpoints",
+                                "the control (both at their best validation checkpoints)",
+                                compare(results, f"{fused}{BEST}", f"{control}{BEST}", n_boot, seed)))
 
-    sentences = []
-    paired = all(m.get("per_block") for m in models.values() if m.get("kind") in ("fused", "clm", "source"))
+    paired = all(m.get("per_block") for m in models.values()
+                 if m.get("kind") in ("fused", "clm", "source", "target"))
     why = "one block" if paired else "no per-block figures"
+    target = first_of_kind(models, "target")
+    trained = [(label, name) for label, name in ((fused, "fused"), (control, display_label(control or "", "clm")))
+               if label is not None]
+    helped = _helped(results, trained, target, n_boot, seed, why, paired)
+    sentences = []
     for name, short, cells in comparisons:
         o = cells.get("overall")
         if o is None:
             continue
         sentences.append(f"fused {MINUS} {name}: **{signed(o.diff)} bits/byte** overall ({_ci(o, why)}): "
                          f"{_words(o, short, paired)}")
-    paragraphs = ["**Verdict:** " + "; ".join(sentences) + "."]
+    alarms = _alarms(training, ("fused", "clm"))
+    rose = _rose(training, ("fused", "clm"), {"fused": "the fused model", "clm": f"the {CONTROL}"})
+    rest = ["against the control and the sources: " + sentences[0], *sentences[1:]] if sentences else []
+    paragraphs = ["**Verdict:** " + _sentences(alarms, ["did training help? " + helped[0], *helped[1:]]
+                                               if helped else [], rose, rest)]
     for name, _, cells in comparisons:
         per = [f"{g} {signed(iv.diff)} ({signed(iv.lo)} to {signed(iv.hi)}: {_words(iv)})" if math.isfinite(iv.lo)
                else f"{g} {signed(iv.diff)} ({_words(iv, None, paired)})" for g, iv in cells.items() if g != OVERALL]
         if per:
             paragraphs.append(f"Per domain, fused {MINUS} {name}: " + "; ".join(per) + ".")
-    if control is None:
+    control_broken = any(k == "clm" for k, _, _ in training.broken.values())
+    if control is None and not control_broken:
         paragraphs.append(f"The {CONTROL} was not evaluated (set `train.control: true`), so the fused model "
                           "cannot be told apart from plain continual training.")
-    fused_domains = (models[fused].get("per_block") or {}).get("domain", [])
-    counts = {d: fused_domains.count(d) for d in results["domains"]}
+    ref = fused or control or target
+    ref_domains = (models[ref].get("per_block") or {}).get("domain", []) if ref else []
+    counts = {d: ref_domains.count(d) for d in results["domains"]}
     spread = (f"{min(counts.values())}" if min(counts.values()) == max(counts.values())
-              else f"{min(counts.values())}–{max(counts.values())}") if fused_domains else "?"
+              else f"{min(counts.values())}–{max(counts.values())}") if ref_domains else "?"
     paragraphs.append(
         f"Differences are in bits per byte of held-out text (Σ NLL / (ln 2 · Σ bytes) over the blocks); "
-        f"below zero, the fused model is better. Intervals: 95% percentile paired bootstrap over the "
-        f"{len(fused_domains) or results.get('blocks', '?')} {results.get('split', 'held-out')} blocks "
+        f"below zero, the first model named is better. Intervals: 95% percentile paired bootstrap over the "
+        f"{len(ref_domains) or results.get('blocks', '?')} {results.get('split', 'held-out')} blocks "
         f"({spread} per domain; {n_boot:,} resamples, seed {seed}); an interval that includes zero is inside "
         "the noise of which blocks were held out"
-        + ("; with fewer than 10 blocks an interval is rough." if fused_domains and min(counts.values()) < 10
+        + ("; with fewer than 10 blocks an interval is rough." if ref_domains and min(counts.values()) < 10
            else "."))
     groups = [*results["domains"], "overall"]
     head = [f"fused {MINUS} … [95%\u00a0CI]", *groups]
     rows = [[name, *[cell(*cells[g]) if g in cells else "–" for g in groups]] for name, _, cells in comparisons]
+    if fused is not None and target is not None:
+        cells = compare(results, fused, target, n_boot, seed)
+        rows.append([f"untrained target ({target})", *[cell(*cells[g]) if g in cells else "–" for g in groups]])
     return paragraphs, head, rows
 
 
@@ -474,16 +620,20 @@ def write_report(run_dir: str | Path) -> Path:
     doc = Document()
     doc.h(f"lmfuse report: {run_dir.name}", 1)
     results = load_results(run_dir)  # checked against eval's manifest: an edited figure is refused
-    broken = []
+    training = _training(run_dir)
     if results and results.get("models"):
-        # A model whose NLL is NaN/inf (null in results.json) is named, and left out of every comparison.
-        broken = [k for k, r in results["models"].items() if r.get("non_finite") or not _num(r["overall"].get("bpb"))]
-        results["models"] = {k: r for k, r in results["models"].items() if k not in broken}
+        # A model whose NLL is NaN/inf (null in results.json) or whose perplexity overflows (diverged) is
+        # named, and left out of every table, plot and comparison.
+        for k, r in results["models"].items():
+            problem = model_problem(r)
+            if problem:
+                training.broken[k] = (r.get("kind"), *problem)
+        results["models"] = {k: r for k, r in results["models"].items() if k not in training.broken}
     if results and results.get("models"):  # results.json has sorted keys: show models in a reading order
         rank = {"target": 0, "source": 1, "fused": 2, "clm": 3}
         results["models"] = dict(sorted(results["models"].items(), key=lambda kv: rank.get(kv[1].get("kind"), 4)))
     # The verdict comes first: what fusion did, against the control and the best source.
-    paragraphs, head, rows = verdict(results)
+    paragraphs, head, rows = verdict(results, training=training)
     doc.p(paragraphs[0], anchor="verdict")
     if rows:
         doc.table(head, rows)
@@ -495,9 +645,15 @@ def write_report(run_dir: str | Path) -> Path:
 
     # Results.
     doc.h("Held-out results")
-    if broken:
-        doc.p(f"**Not finite:** {', '.join(f'`{b}`' for b in broken)}: the NLL is NaN or infinite on some held-out "
-              "blocks (NaN/inf weights?), so these models are left out of every table, plot and comparison.")
+    not_finite = [k for k, (_, what, _) in training.broken.items() if what == "not finite"]
+    if not_finite:
+        doc.p(f"**Not finite:** {', '.join(f'`{b}`' for b in not_finite)}: the NLL is NaN or infinite on some "
+              "held-out blocks (NaN/inf weights?), so these models are left out of every table, plot and comparison.")
+    diverged = {k: v for k, v in training.broken.items() if v[1] == "diverged"}
+    if diverged:
+        doc.p("**Diverged:** " + ". ".join(f"`{k}`: {detail}; {problem_fix(kind)}"
+                                           for k, (kind, _, detail) in diverged.items())
+              + ". Left out of every table, plot and comparison.")
     if not results or not results.get("models"):
         doc.p("Evaluation: not run (`lmfuse eval`).")
     else:
@@ -514,7 +670,7 @@ def write_report(run_dir: str | Path) -> Path:
                 cells = [f"{label} ({kind})" if kind not in (None, "model", label) else label]
             cells += [f"{rec['domains'][d]['bpb']:.4f}" if d in rec["domains"] else "–" for d in results["domains"]]
             o = rec["overall"]["bpb"]
-            cells += [f"**{o:.4f}**" if o == best else f"{o:.4f}", f"{rec['overall']['ppl']:.2f}"]
+            cells += [f"**{o:.4f}**" if o == best else f"{o:.4f}", ppl_text(rec["overall"])]
             rows.append(cells)
         doc.table(head, rows)
         doc.img(plot_bpb(results, out / "bpb.png"), "Bits per byte per domain for every model")
@@ -537,10 +693,15 @@ def write_report(run_dir: str | Path) -> Path:
     if logs:
         rows = []
         for name, (train, val) in logs.items():
+            # Step 0 (the untrained target, when the run validates during training): from the log, or the manifest.
+            start = next((r["eval_loss"] for r in val if r["step"] == 0),
+                         (training.metrics.get(name) or {}).get("initial_eval_loss"))
             rows.append([display_label(name, name), len(train), train[-1]["step"] if train else "–",
                          f"{train[-1]['loss']:.4f}" if train else "–",
+                         f"{start:.4f}" if _num(start) else "–",
                          f"{val[-1]['eval_loss']:.4f}" if val else "–"])
-        doc.table(["model", "logged steps", "last step", "last training loss", "last validation loss"], rows)
+        doc.table(["model", "logged steps", "last step", "last training loss", "validation loss at step 0",
+                   "last validation loss"], rows)
         doc.img(plot_losses(logs, out / "loss.png"),
                 f"Training and validation loss, fused (thick solid line) vs the {CONTROL} (thin dashed line); "
                 "the fused model's training curve is the LM part of its loss")
@@ -641,6 +802,27 @@ def _reference(results: dict) -> str | None:
     """The model to compare against: the control if present, else the target."""
     models = results["models"]
     return first_of_kind(models, "clm") or first_of_kind(models, "target") or next(iter(models), None)
+
+
+def _training(run_dir: Path) -> Training:
+    """The trained models' manifest metrics and the run's learning rate (what is missing or
+    unreadable is left out: the report can be written at any point)."""
+    out = Training()
+    for name in ("fused", "clm"):
+        try:
+            man = read_json(run_dir / "train" / name / "manifest.json")
+        except Exception:  # a damaged manifest must not stop the report
+            man = None
+        if isinstance(man, dict) and isinstance(man.get("metrics"), dict):
+            out.metrics[name] = man["metrics"]
+    try:
+        import yaml
+
+        lr = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train") or {}).get("learning_rate")
+        out.learning_rate = float(lr) if _num(lr) or isinstance(lr, str) else None
+    except Exception:  # no config copy, or a broken one
+        out.learning_rate = None
+    return out
 
 
 def _config_summary(run_dir: Path) -> str | None:

@@ -329,8 +329,11 @@ def _resolve(p: str | Path, here: Path) -> Path:
 
 
 def _problems_error(problems: Sequence[str], where: str | Path) -> LmfuseError:
-    return LmfuseError(f"{len(problems)} problem(s) in the sweep:\n" + "\n".join(f"  - {p}" for p in problems),
-                       where=str(where), fix="correct the entries named above; nothing has been run")
+    from lmfuse.config import ConfigError  # the CLI exits 1 for it
+
+
+    return ConfigError(list(problems), str(where), subject="the sweep",
+                       fix="correct the entries named above; nothing has been run")
 
 
 # -- dotted keys -------------------------------------------------------------------------------

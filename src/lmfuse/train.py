@@ -10,6 +10,16 @@ the training blocks per epoch), each optimizer step consumes one global batch la
 [grad_accum, world, batch_size], and the loss is normalised by the number of target tokens
 in the whole global batch. So a resumed run (model, optimizer, scheduler and RNG states are
 checkpointed) and a run on more processes with the same global batch follow the same curve.
+
+Two checks guard against a learning rate too high for the target (issue 26). Divergence
+(`divergence`): training stops, before the weights are updated, at the first step where the mean
+training loss of the last `DIVERGE_WINDOW` steps is more than ln V above the loss of step 1 (V:
+the target's vocabulary; ln V is the loss of a uniform guess over it), or where a loss or gradient
+is not finite. The first loss and the window travel in the checkpoint, so a resumed run stops at
+the same step. And when the run validates during training (`eval_every` or `keep_best`), the
+validation loss is measured once before the first step (step 0: the untrained target; measuring it
+touches no weights, RNG state or data order) and a run whose final validation loss ends above it
+is flagged in the log, the manifest (`eval_loss_rose`) and the report's verdict.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from lmfuse.artifacts import ArtifactDir, atomic_write_bytes, read_json
 from lmfuse.checkpoint import (
     BEST_DIR,
     BEST_STATE,
+    CKPT_STATE,
     best_so_far,
     drop_final,
     final_metrics,
@@ -53,6 +64,15 @@ FUSION_ONLY = ("fusion", "level", "quality", "include_target", "outside_topk", "
 # Options that change neither the weights nor the logs.
 NOT_HASHED = ("control", "tensorboard", "save_every")
 LOG = "log.jsonl"
+# train.precision: float16 without a GPU.
+FP16_ON_CPU = ("train.precision is float16, but float16 autocast needs a GPU and none is available: training "
+               "runs in float32 (slower; set train.precision: bfloat16 on a CPU, or float32 to say so)")
+# Divergence: the mean training loss of the last DIVERGE_WINDOW steps more than ln V above step 1's.
+DIVERGE_WINDOW = 10
+# What the log, the console and the model card say when validation ends above its step-0 value.
+VALIDATION_ROSE = ("validation loss ended above its step-0 value: training made the target worse on held-out "
+                   "text. The learning rate is likely too high for this target: lower train.learning_rate "
+                   "(try 10× lower) and compare the step-0 and final validation losses again")
 
 
 # -- artifact ----------------------------------------------------------------------------------
@@ -149,6 +169,26 @@ def clm_weight_at(cfg_train: TrainConfig, step: int, total: int, control: bool) 
     return lam
 
 
+def divergence(first: float, recent: list[float], vocab: int) -> tuple[float, float] | None:
+    """Whether training has diverged: `(mean, limit)` when it has, else None.
+
+    The rule: the mean of the last `DIVERGE_WINDOW` training losses (nats per target token) is
+    above `limit = first + ln(vocab)`, the loss of step 1 plus the loss of a uniform guess over the
+    vocabulary. A model that far above its start does worse than guessing, whatever the batch of
+    step 1 was; a run that merely learns slowly or noisily never gets near it.
+
+    Args:
+        first: The training loss of step 1 (measured before any update).
+        recent: The training losses of the latest steps, oldest first (the current one last).
+        vocab: The target's vocabulary size.
+    """
+    window = recent[-DIVERGE_WINDOW:]
+    if not window:
+        return None
+    mean, limit = sum(window) / len(window), first + math.log(vocab)
+    return (mean, limit) if mean > limit else None
+
+
 def check_train_config(cfg: FuseConfig, control: bool) -> None:
     """Every problem that can be found before loading anything, raised together (a config made
     with `model_copy(update=...)` skips pydantic's checks)."""
@@ -172,6 +212,9 @@ def _mixed_precision(p: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[p]
 
 
+_PRECISION_USED = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}  # accelerate's name -> ours
+
+
 def _make_accelerator(precision: str) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -181,7 +224,8 @@ def _make_accelerator(precision: str) -> Any:
     GradientState._reset_state()
     mp = _mixed_precision(precision)
     if mp == "fp16" and not torch.cuda.is_available():
-        mp = "no"  # fp16 autocast needs a GPU; fall back to fp32
+        mp = "no"  # fp16 autocast needs a GPU: float32 instead, said in the log and the manifest
+        print(f"warning: {FP16_ON_CPU}", flush=True)
     # The schedule counts optimizer steps of the global batch, whatever the number of processes.
     return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False)
 
@@ -201,6 +245,8 @@ class _Run:
     order: np.ndarray  # [total * global_batch] indices into data.train_ids
     lengths: dict[int, int]  # block_id -> target tokens
     start: int  # the step resumed from (0 = fresh)
+    vocab: int  # the target's vocabulary size (the divergence rule's ln V)
+    resumed: dict[str, Any]  # trainer_state.json of the checkpoint resumed from ({} when fresh)
 
 
 def _setup(cfg: FuseConfig, control: bool, data: BlockData, acc: Any, path: Path) -> _Run:
@@ -230,13 +276,14 @@ def _setup(cfg: FuseConfig, control: bool, data: BlockData, acc: Any, path: Path
     opts = FusionOptions(t.temperature, t.outside_topk, t.avgce_weighting)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     collate = FusedCollator(t.fusion, opts, pad, vocab, span=t.span_weight > 0 and not control)
-    start = 0
+    start, resumed = 0, {}
     found = last_good_checkpoint(path, acc.num_processes, log=acc.print)
     if found is not None:
         ckpt, start = found
         load_checkpoint(acc, ckpt)
+        resumed = read_json(ckpt / CKPT_STATE) or {}
         acc.print(f"resuming from {ckpt.name} (step {start} of {total})")
-    return _Run(acc, model, opt, sched, tok, collate, total, G, order, lengths, start)
+    return _Run(acc, model, opt, sched, tok, collate, total, G, order, lengths, start, vocab, resumed)
 
 
 def _fit(cfg: FuseConfig, control: bool, data: BlockData, r: _Run, path: Path) -> dict[str, Any]:
@@ -249,6 +296,21 @@ def _fit(cfg: FuseConfig, control: bool, data: BlockData, r: _Run, path: Path) -
     best = best_so_far(path, r.start, acc.is_main_process) if t.keep_best else math.inf
     acc.wait_for_everyone()
     tb = _tensorboard(path) if (t.tensorboard and acc.is_main_process) else None
+
+    # Step 0: the untrained target's validation loss, measured once. A resumed run has it in its
+    # checkpoint (and its log line kept); a run started over measures it again (its log was emptied).
+    initial = r.resumed.get("initial_eval_loss")
+    if r.start == 0 and data.val_ids and (t.eval_every or t.keep_best):
+        with _rng_kept():
+            initial = evaluate_loss(model, data, r.collate, acc, t.batch_size)
+        if acc.is_main_process:
+            _append_log(log_path, {"step": 0, "eval_loss": initial})
+            if tb:
+                tb.add_scalar("eval/loss", initial, 0)
+            acc.print(f"step 0/{total}  eval loss {initial:.4f} (before training)")
+    # The divergence rule's state: step 1's loss and the latest losses (restored on resume).
+    first_loss = r.resumed.get("first_loss")
+    recent = list(r.resumed.get("recent_losses") or [])
 
     last_eval = None
     last_train: dict[str, Any] = {}
@@ -286,7 +348,21 @@ def _fit(cfg: FuseConfig, control: bool, data: BlockData, r: _Run, path: Path) -
                 f"{float(sums[1])}, fusion {float(sums[2])}, gradient norm {float(grad_norm)}); training stopped "
                 "before the weights were updated", where=str(path),
                 fix="lower train.learning_rate (or raise train.warmup_ratio), or train in float32 "
-                    "(train.precision); a rerun resumes from the last checkpoint")
+                    "(train.precision); a rerun of the same config resumes from the last checkpoint, one with "
+                    "another learning rate starts over")
+        first_loss = float(sums[0]) if first_loss is None else first_loss
+        recent = [*recent, float(sums[0])][-DIVERGE_WINDOW:]
+        diverged = divergence(first_loss, recent, r.vocab)
+        if diverged is not None:
+            mean, limit = diverged
+            raise LmfuseError(
+                f"training diverged at step {step + 1}: the mean training loss of steps "
+                f"{step + 2 - len(recent)}–{step + 1} is {mean:.4g} nats/token, more than ln V = "
+                f"{limit - first_loss:.2f} above the loss of step 1 ({first_loss:.4f}): worse than a uniform "
+                f"guess over the target's {r.vocab:,} tokens. Training stopped before the weights were updated",
+                where=str(path),
+                fix=f"lower train.learning_rate (try 10× lower: {t.learning_rate / 10:g}; or raise "
+                    "train.warmup_ratio) and train again (a run with another learning rate starts over)")
         r.opt.step()
         r.sched.step()
         r.opt.zero_grad(set_to_none=True)
@@ -317,13 +393,21 @@ def _fit(cfg: FuseConfig, control: bool, data: BlockData, r: _Run, path: Path) -
                     save_best(acc.unwrap_model(model), r.tok, path, done, last_eval)
                 acc.wait_for_everyone()
         if t.save_every and done % t.save_every == 0 and done < total:
-            save_checkpoint(acc, path, done, {"total": total})
+            save_checkpoint(acc, path, done, {"total": total, "initial_eval_loss": initial,
+                                              "first_loss": first_loss, "recent_losses": recent})
+    rose = None if initial is None or last_eval is None else last_eval > initial
+    if rose and acc.is_main_process:
+        _append_log(log_path, {"step": total, "warning": VALIDATION_ROSE, "initial_eval_loss": initial,
+                               "final_eval_loss": last_eval})
+        acc.print(f"warning: {VALIDATION_ROSE} (step 0: {initial:.4f}, step {total}: {last_eval:.4f} nats/token)")
     if tb:
         tb.close()
 
     best_state = read_json(path / BEST_DIR / BEST_STATE) if t.keep_best else None
     return {"steps": total, "final_train_loss": last_train.get("loss"), "final_train_clm": last_train.get("clm"),
-            "final_train_fusion": last_train.get("fusion"), "final_eval_loss": last_eval,
+            "final_train_fusion": last_train.get("fusion"), "precision_used": _PRECISION_USED[acc.mixed_precision],
+            "initial_eval_loss": initial,
+            "final_eval_loss": last_eval, "eval_loss_rose": rose,
             "best_step": best_state["step"] if best_state else None,
             "best_eval_loss": best_state["eval_loss"] if best_state else None,
             "train_blocks": len(data.train_ids), "validation_blocks": len(data.val_ids),
@@ -354,6 +438,24 @@ def evaluate_loss(model: Any, data: BlockData, collate: FusedCollator, acc: Any,
     return float(sums[0] / max(1.0, float(sums[1])))
 
 
+@contextlib.contextmanager
+def _rng_kept():
+    """Every random number generator training reads left as it was (the step-0 validation draws
+    none, and this makes sure it cannot change the run)."""
+    import random
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _append_log(path: Path, rec: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -370,10 +472,12 @@ def _log_step(line: str) -> int | None:
 
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines up to the step we resume from (later ones will be written again); a line
-    cut short by a kill goes too. Replaced whole, so a kill here loses nothing."""
+    cut short by a kill goes too. Starting over (step 0), nothing is kept: the step-0 validation is
+    measured again. Replaced whole, so a kill here loses nothing."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if (s := _log_step(ln)) is not None and s <= step]
+    keep = [ln for ln in path.read_text().splitlines()
+            if step > 0 and (s := _log_step(ln)) is not None and s <= step]
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
@@ -399,6 +503,9 @@ def model_card(cfg: FuseConfig, control: bool, metrics: dict) -> str:
     else:
         lines += ["Continual causal-LM training on the same data and budget as the fused model, "
                   "the control that shows what fusion adds.", ""]
+    if metrics.get("eval_loss_rose"):
+        lines += ["", f"**Warning:** the {VALIDATION_ROSE} (step 0: {metrics['initial_eval_loss']:.4f}, end: "
+                      f"{metrics['final_eval_loss']:.4f} nats/token)."]
     lines += ["", "## Data and training", "", f"Corpus: `{cfg.corpus.path}`, "
               f"{metrics['train_blocks']} training blocks, {metrics['validation_blocks']} validation blocks.", "",
               "| setting | value |", "|---|---|",

@@ -129,6 +129,10 @@ class BlockData:
             else:  # the target's own token_ce is also its span NLL
                 q = _pad_last(r["token_ce"], T)
             ids, lps = dist_arrays(r, T)
+            n_tok = self.tgt_manifest.get("vocab_size")
+            if n_tok:  # an extraction made before padded ids were left out: they are mass on no token
+                lps = np.where(ids >= n_tok, -np.inf, lps).astype(np.float32)
+                ids = np.where(ids >= n_tok, -1, ids)
             cand = _candidate(ids.ravel(), lps.ravel(), np.ones(T, bool), q, T,
                               f"extract/{self.cfg.target.name}", block_id)
             cand.span_ll = -_pad_last(r["token_ce"], T)  # the target scores its own tokens exactly

@@ -221,7 +221,8 @@ def map_vocab(src_tok, tgt_tok, method: str = "retokenize", workers: int = -1) -
 
     Returns:
         (tgt_id int32 [V_src], -1 = unmapped; how int8 [V_src]: 0 unmapped, 1 exact, 2 mined,
-        3 retokenize, 4 special).
+        3 retokenize, 4 special). Target ids are the target tokenizer's (< `len(tgt_tok)`), never
+        a padded output id of a target model wider than its tokenizer.
     """
     fn = METHODS.get(method)
     src, tgt = token_table(src_tok), token_table(tgt_tok)
@@ -319,7 +320,8 @@ def load_vocab_map(cfg, source_name: str, source_fingerprint: str | None = None,
                    target_fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read `vocab_map/<source>` and check it was made for these tokenizers.
 
-    Fingerprints not given are computed by loading the tokenizers.
+    Fingerprints not given are computed by loading the tokenizers. A map onto ids past the
+    target tokenizer (which stand for no text) is refused.
 
     Returns:
         (tgt_id int32 [V_src], how int8 [V_src], manifest).
@@ -341,4 +343,8 @@ def load_vocab_map(cfg, source_name: str, source_fingerprint: str | None = None,
     if len(tgt_id) != manifest.get("source_vocab_size", len(tgt_id)):
         raise LmfuseError("map.npz does not match its manifest", where=str(path),
                           fix="rerun `lmfuse vocab-map` with --overwrite")
+    n_tgt = manifest.get("target_vocab_size")
+    if n_tgt is not None and len(tgt_id) and int(tgt_id.max()) >= int(n_tgt):
+        raise LmfuseError(f"map.npz maps onto target id {int(tgt_id.max())}, outside the target's vocabulary "
+                          f"(size {n_tgt})", where=str(path), fix="rerun `lmfuse vocab-map` with --overwrite")
     return tgt_id, how, manifest
